@@ -1,0 +1,112 @@
+"""csvimg: bulk image compression driven by a CSV.
+
+A CSV of products with image URLs goes in; every image is downloaded,
+compressed and stored; an output CSV with the new image URLs comes out.
+Storage, queue, blob store and notifier backends are chosen by URL and
+extended by pluggy plugins (entry-point group ``csvimg``).
+
+Embedding it in one process::
+
+    import anyio
+    import csvimg
+
+    async def main() -> None:
+        async with csvimg.Engine(csvimg.Settings()) as engine:  # memory:// backends
+            request = await engine.submit(open("products.csv", "rb").read())
+            await engine.run_until_finished(request.id)
+            print(await engine.output_csv_bytes(request.id))
+
+    anyio.run(main)
+"""
+
+from __future__ import annotations
+
+from importlib.metadata import PackageNotFoundError as _PackageNotFoundError
+from importlib.metadata import version as _version
+
+from csvimg._errors import (
+    CodecError,
+    ConfigError,
+    CsvimgError,
+    FetchError,
+    ItemError,
+    ManifestError,
+    NotFinishedError,
+    NotFoundError,
+    StorageError,
+    TransitionError,
+    UnknownSchemeError,
+)
+from csvimg.backends import BlobInfo, BlobStore, Claim, Notifier, Queue, Storage
+from csvimg.codec import CodecLimits, Compressed, compress, sniff
+from csvimg.engine import OUTPUT_COLUMN, Engine, neutralise
+from csvimg.fetch import Fetched, Fetcher, FetchPolicy
+from csvimg.jobs import (
+    Delivery,
+    Event,
+    Item,
+    ItemResult,
+    ItemStatus,
+    ProcessOptions,
+    Request,
+    RequestStatus,
+    Row,
+    Webhook,
+)
+from csvimg.manifest import Manifest, ManifestLimits, Problem, parse_manifest
+from csvimg.plugins import BackendRegistry, Plugins, hookimpl
+from csvimg.settings import Settings
+
+try:
+    __version__ = _version("csvimg")
+except _PackageNotFoundError:  # pragma: no cover - running from a source tree
+    __version__ = "0.0.0"
+
+__all__ = [
+    "OUTPUT_COLUMN",
+    "BackendRegistry",
+    "BlobInfo",
+    "BlobStore",
+    "Claim",
+    "CodecError",
+    "CodecLimits",
+    "Compressed",
+    "ConfigError",
+    "CsvimgError",
+    "Delivery",
+    "Engine",
+    "Event",
+    "FetchError",
+    "FetchPolicy",
+    "Fetched",
+    "Fetcher",
+    "Item",
+    "ItemError",
+    "ItemResult",
+    "ItemStatus",
+    "Manifest",
+    "ManifestError",
+    "ManifestLimits",
+    "NotFinishedError",
+    "NotFoundError",
+    "Notifier",
+    "Plugins",
+    "Problem",
+    "ProcessOptions",
+    "Queue",
+    "Request",
+    "RequestStatus",
+    "Row",
+    "Settings",
+    "Storage",
+    "StorageError",
+    "TransitionError",
+    "UnknownSchemeError",
+    "Webhook",
+    "__version__",
+    "compress",
+    "hookimpl",
+    "neutralise",
+    "parse_manifest",
+    "sniff",
+]

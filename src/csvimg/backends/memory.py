@@ -1,0 +1,471 @@
+"""In-memory backends (``memory://``): storage, queue and blob store.
+
+Complete implementations of the contracts, kept in one process's memory:
+what unit tests run on and what an application embedding csvimg in one
+process uses. Each URL builds a fresh, empty backend. Every method runs
+under one lock, so a method is atomic even when called from threads.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import heapq
+import itertools
+import threading
+import uuid
+from collections.abc import Sequence
+
+import anyio
+import attrs
+
+from csvimg._errors import NotFoundError, StorageError
+from csvimg.backends import BlobInfo, Claim, check_key
+from csvimg.jobs import (
+    Delivery,
+    Event,
+    Item,
+    ItemResult,
+    ItemStatus,
+    Request,
+    RequestStatus,
+    Row,
+    Webhook,
+    now,
+)
+from csvimg.plugins import BackendRegistry, hookimpl
+from csvimg.settings import Settings
+
+__all__ = ["MemoryBlobStore", "MemoryQueue", "MemoryStorage", "finish_outcome"]
+
+
+def finish_outcome(request: Request, result: ItemResult, at: float) -> tuple[Request, Event | None]:
+    """Apply one item's result to its request's counters (a pure function).
+
+    Returns the updated request and, when that item was the last one, the
+    outbox event to record with it. Shared by every backend so that the
+    rule "COMPLETED if any item is done, FAILED if all failed" lives once.
+    """
+    done = request.done + (1 if result.ok else 0)
+    failed = request.failed + (0 if result.ok else 1)
+    updated = attrs.evolve(request, done=done, failed=failed, updated_at=at)
+    if done + failed < request.total:
+        return updated, None
+    if updated.status is RequestStatus.PENDING:
+        updated = updated.with_status(RequestStatus.PROCESSING, at=at)
+    final = RequestStatus.COMPLETED if done > 0 else RequestStatus.FAILED
+    updated = updated.with_status(final, at=at)
+    event = Event(
+        id=f"msg_{uuid.uuid4().hex}",
+        type="request.completed" if final is RequestStatus.COMPLETED else "request.failed",
+        request_id=request.id,
+        created_at=at,
+        owner=request.owner,
+        callback_url=request.callback_url,
+        next_attempt_at=at,
+    )
+    return updated, event
+
+
+class MemoryStorage:
+    """Storage kept in dicts; see `csvimg.backends.Storage`."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._requests: dict[str, Request] = {}
+        self._rows: dict[str, list[Row]] = {}
+        self._items: dict[str, Item] = {}
+        self._item_ids: dict[str, list[str]] = {}
+        self._webhooks: dict[str, Webhook] = {}
+        self._events: dict[str, Event] = {}
+        self._event_leases: dict[str, float] = {}
+        self._deliveries: dict[str, list[Delivery]] = {}
+        self.closed = False
+
+    @classmethod
+    def from_url(cls, url: str, settings: Settings) -> MemoryStorage:
+        """Build from ``memory://`` (the URL carries nothing else)."""
+        return cls()
+
+    async def open(self) -> None:
+        """Nothing to do: memory is always open."""
+        self.closed = False
+
+    async def close(self) -> None:
+        """Mark closed; data stays for a later `open`."""
+        self.closed = True
+
+    async def ping(self) -> None:
+        """Answer unless closed."""
+        if self.closed:
+            raise StorageError("memory storage is closed")
+
+    async def create_request(
+        self, request: Request, rows: Sequence[Row], items: Sequence[Item]
+    ) -> None:
+        """Store the request, rows and items in one step."""
+        with self._lock:
+            if request.id in self._requests:
+                raise StorageError(f"request {request.id} exists already")
+            self._requests[request.id] = request
+            self._rows[request.id] = list(rows)
+            self._item_ids[request.id] = [i.id for i in items]
+            for item in items:
+                self._items[item.id] = item
+
+    async def get_request(self, request_id: str) -> Request | None:
+        """Return the request or None."""
+        return self._requests.get(request_id)
+
+    async def list_requests(self, *, owner: str | None = None, limit: int = 50) -> list[Request]:
+        """Newest first."""
+        with self._lock:
+            found = [r for r in self._requests.values() if owner is None or r.owner == owner]
+        found.sort(key=lambda r: r.created_at, reverse=True)
+        return found[:limit]
+
+    async def list_rows(self, request_id: str, *, offset: int = 0, limit: int = 1000) -> list[Row]:
+        """Rows in order."""
+        return list(self._rows.get(request_id, [])[offset : offset + limit])
+
+    async def list_items(
+        self, request_id: str, *, offset: int = 0, limit: int = 1000
+    ) -> list[Item]:
+        """Items in (row, position) order."""
+        with self._lock:
+            ids = self._item_ids.get(request_id, [])[offset : offset + limit]
+            return [self._items[i] for i in ids]
+
+    async def get_item(self, item_id: str) -> Item | None:
+        """Return the item or None."""
+        return self._items.get(item_id)
+
+    async def start_item(self, item_id: str, *, lease_seconds: float) -> Item | None:
+        """Lease the item (see the protocol)."""
+        at = now()
+        with self._lock:
+            item = self._items.get(item_id)
+            if item is None or item.status.finished:
+                return None
+            if item.status is ItemStatus.PROCESSING:
+                if item.lease_until is not None and item.lease_until > at:
+                    return None
+                item = item.with_status(ItemStatus.PENDING, updated_at=at)
+            item = item.with_status(
+                ItemStatus.PROCESSING,
+                attempts=item.attempts + 1,
+                lease_until=at + lease_seconds,
+                updated_at=at,
+            )
+            self._items[item_id] = item
+            request = self._requests[item.request_id]
+            if request.status is RequestStatus.PENDING:
+                self._requests[request.id] = request.with_status(RequestStatus.PROCESSING, at=at)
+            return item
+
+    async def extend_lease(self, item_id: str, *, lease_seconds: float) -> bool:
+        """Extend a PROCESSING item's lease."""
+        with self._lock:
+            item = self._items.get(item_id)
+            if item is None or item.status is not ItemStatus.PROCESSING:
+                return False
+            self._items[item_id] = attrs.evolve(item, lease_until=now() + lease_seconds)
+            return True
+
+    async def retry_item(self, item_id: str, *, error_code: str, error_message: str) -> bool:
+        """PROCESSING -> PENDING."""
+        with self._lock:
+            item = self._items.get(item_id)
+            if item is None or item.status is not ItemStatus.PROCESSING:
+                return False
+            self._items[item_id] = item.with_status(
+                ItemStatus.PENDING,
+                lease_until=None,
+                error_code=error_code,
+                error_message=error_message,
+            )
+            return True
+
+    async def finish_item(self, item_id: str, result: ItemResult) -> Request | None:
+        """Record the outcome; idempotent."""
+        at = now()
+        with self._lock:
+            item = self._items.get(item_id)
+            if item is None or item.status.finished:
+                return None
+            if item.status is ItemStatus.PENDING:
+                # A result may arrive for an item whose lease was taken back
+                # (slow worker): accept it rather than redo the work.
+                item = item.with_status(ItemStatus.PROCESSING, updated_at=at)
+            self._items[item_id] = item.with_status(
+                ItemStatus.DONE if result.ok else ItemStatus.FAILED,
+                output_key=result.output_key,
+                content_type=result.content_type,
+                bytes_in=result.bytes_in,
+                bytes_out=result.bytes_out,
+                width=result.width,
+                height=result.height,
+                error_code=result.error_code,
+                error_message=result.error_message,
+                lease_until=None,
+                updated_at=at,
+            )
+            request, event = finish_outcome(self._requests[item.request_id], result, at)
+            self._requests[request.id] = request
+            if event is None:
+                return None
+            self._events[event.id] = event
+            return request
+
+    async def stale_items(self, *, now: float, pending_before: float, limit: int) -> list[str]:
+        """Items whose lease ran out or that waited too long."""
+        found: list[str] = []
+        with self._lock:
+            for item in list(self._items.values()):
+                if len(found) >= limit:
+                    break
+                if (
+                    item.status is ItemStatus.PROCESSING
+                    and item.lease_until is not None
+                    and item.lease_until < now
+                ):
+                    self._items[item.id] = item.with_status(
+                        ItemStatus.PENDING, lease_until=None, updated_at=now
+                    )
+                    found.append(item.id)
+                elif item.status is ItemStatus.PENDING and item.updated_at < pending_before:
+                    self._items[item.id] = attrs.evolve(item, updated_at=now)
+                    found.append(item.id)
+        return found
+
+    async def add_webhook(self, webhook: Webhook) -> None:
+        """Register a receiver."""
+        with self._lock:
+            self._webhooks[webhook.id] = webhook
+
+    async def list_webhooks(self, *, owner: str | None = None) -> list[Webhook]:
+        """Registrations of *owner*, oldest first."""
+        with self._lock:
+            found = [w for w in self._webhooks.values() if w.owner == owner]
+        return sorted(found, key=lambda w: w.created_at)
+
+    async def set_webhook_active(self, webhook_id: str, active: bool) -> None:
+        """Enable or disable."""
+        with self._lock:
+            hook = self._webhooks.get(webhook_id)
+            if hook is not None:
+                self._webhooks[webhook_id] = attrs.evolve(hook, active=active)
+
+    async def delete_webhook(self, webhook_id: str, *, owner: str | None = None) -> bool:
+        """Delete if it belongs to *owner*."""
+        with self._lock:
+            hook = self._webhooks.get(webhook_id)
+            if hook is None or hook.owner != owner:
+                return False
+            del self._webhooks[webhook_id]
+            return True
+
+    async def claim_events(self, *, now: float, limit: int, lease_seconds: float) -> list[Event]:
+        """Lease due events."""
+        out: list[Event] = []
+        with self._lock:
+            for event in sorted(self._events.values(), key=lambda e: e.created_at):
+                if len(out) >= limit:
+                    break
+                if event.next_attempt_at is None or event.next_attempt_at > now:
+                    continue
+                if self._event_leases.get(event.id, 0.0) > now:
+                    continue
+                self._event_leases[event.id] = now + lease_seconds
+                out.append(event)
+        return out
+
+    async def reschedule_event(self, event_id: str, *, next_attempt_at: float | None) -> None:
+        """Schedule the next round, or mark delivered."""
+        with self._lock:
+            event = self._events.get(event_id)
+            if event is None:
+                raise NotFoundError(f"no event {event_id}")
+            self._events[event_id] = attrs.evolve(
+                event, attempts=event.attempts + 1, next_attempt_at=next_attempt_at
+            )
+            self._event_leases.pop(event_id, None)
+
+    async def add_delivery(self, request_id: str, delivery: Delivery) -> None:
+        """Log one attempt."""
+        with self._lock:
+            self._deliveries.setdefault(request_id, []).append(delivery)
+
+    async def list_deliveries(self, request_id: str) -> list[Delivery]:
+        """Attempts, oldest first."""
+        with self._lock:
+            return list(self._deliveries.get(request_id, []))
+
+
+class MemoryQueue:
+    """A leased at-least-once queue in memory; see `csvimg.backends.Queue`."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._ready: list[tuple[float, int, str, int]] = []  # (available_at, seq, id, deliveries)
+        self._leased: dict[str, tuple[str, float, int]] = {}  # token -> (id, until, deliveries)
+        self._seq = itertools.count()
+        self._wakeup: anyio.Event | None = None
+        self.closed = False
+
+    @classmethod
+    def from_url(cls, url: str, settings: Settings) -> MemoryQueue:
+        """Build from ``memory://``."""
+        return cls()
+
+    async def open(self) -> None:
+        """Nothing to do."""
+        self.closed = False
+
+    async def close(self) -> None:
+        """Mark closed."""
+        self.closed = True
+
+    async def ping(self) -> None:
+        """Answer unless closed."""
+        if self.closed:
+            raise StorageError("memory queue is closed")
+
+    def _push(self, item_id: str, available_at: float, deliveries: int) -> None:
+        heapq.heappush(self._ready, (available_at, next(self._seq), item_id, deliveries))
+
+    def _wake(self) -> None:
+        if self._wakeup is not None:
+            self._wakeup.set()
+            self._wakeup = None
+
+    async def enqueue(self, item_ids: Sequence[str]) -> None:
+        """Add ids, ready now."""
+        at = now()
+        with self._lock:
+            for item_id in item_ids:
+                self._push(item_id, at, 0)
+        self._wake()
+
+    def _take(self, max_items: int, lease_seconds: float) -> list[Claim]:
+        at = now()
+        with self._lock:
+            for token, (item_id, until, deliveries) in list(self._leased.items()):
+                if until <= at:
+                    del self._leased[token]
+                    self._push(item_id, at, deliveries)
+            claims: list[Claim] = []
+            while self._ready and len(claims) < max_items and self._ready[0][0] <= at:
+                _, _, item_id, deliveries = heapq.heappop(self._ready)
+                token = uuid.uuid4().hex
+                self._leased[token] = (item_id, at + lease_seconds, deliveries + 1)
+                claims.append(Claim(item_id=item_id, token=token, deliveries=deliveries + 1))
+            return claims
+
+    def _next_due(self) -> float | None:
+        with self._lock:
+            times = [t for t, *_ in self._ready[:1]] + [u for _, u, _ in self._leased.values()]
+        return min(times) if times else None
+
+    async def claim(
+        self, *, consumer: str, max_items: int, lease_seconds: float, wait: float
+    ) -> list[Claim]:
+        """Lease up to *max_items* ids, waiting up to *wait* seconds."""
+        deadline = now() + wait
+        while True:
+            claims = self._take(max_items, lease_seconds)
+            remaining = deadline - now()
+            if claims or remaining <= 0:
+                return claims
+            due = self._next_due()
+            pause = remaining if due is None else max(0.001, min(remaining, due - now()))
+            if self._wakeup is None:
+                self._wakeup = anyio.Event()
+            with anyio.move_on_after(pause):
+                await self._wakeup.wait()
+
+    async def ack(self, claim: Claim) -> None:
+        """Forget the id."""
+        with self._lock:
+            self._leased.pop(claim.token, None)
+
+    async def release(self, claim: Claim, *, delay: float = 0.0) -> None:
+        """Hand the id back after *delay*."""
+        with self._lock:
+            leased = self._leased.pop(claim.token, None)
+            if leased is not None:
+                self._push(claim.item_id, now() + delay, leased[2])
+        self._wake()
+
+    async def extend(self, claim: Claim, *, lease_seconds: float) -> None:
+        """Hold the id longer."""
+        with self._lock:
+            leased = self._leased.get(claim.token)
+            if leased is not None:
+                self._leased[claim.token] = (leased[0], now() + lease_seconds, leased[2])
+
+    async def depth(self) -> int:
+        """Waiting plus leased ids."""
+        with self._lock:
+            return len(self._ready) + len(self._leased)
+
+
+class MemoryBlobStore:
+    """Blobs in a dict; see `csvimg.backends.BlobStore`."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._blobs: dict[str, tuple[bytes, BlobInfo]] = {}
+
+    @classmethod
+    def from_url(cls, url: str, settings: Settings) -> MemoryBlobStore:
+        """Build from ``memory://``."""
+        return cls()
+
+    async def open(self) -> None:
+        """Nothing to do."""
+
+    async def close(self) -> None:
+        """Nothing to do."""
+
+    async def put(self, key: str, data: bytes, *, content_type: str) -> BlobInfo:
+        """Store bytes."""
+        check_key(key)
+        info = BlobInfo(
+            key=key,
+            size=len(data),
+            content_type=content_type,
+            etag=hashlib.blake2b(data, digest_size=16).hexdigest(),
+        )
+        with self._lock:
+            self._blobs[key] = (bytes(data), info)
+        return info
+
+    async def get(self, key: str) -> bytes:
+        """Return bytes or raise `NotFoundError`."""
+        check_key(key)
+        with self._lock:
+            found = self._blobs.get(key)
+        if found is None:
+            raise NotFoundError(f"no blob {key!r}")
+        return found[0]
+
+    async def stat(self, key: str) -> BlobInfo | None:
+        """Return info or None."""
+        check_key(key)
+        with self._lock:
+            found = self._blobs.get(key)
+        return None if found is None else found[1]
+
+    async def delete(self, key: str) -> None:
+        """Remove the blob."""
+        check_key(key)
+        with self._lock:
+            self._blobs.pop(key, None)
+
+
+@hookimpl
+def csvimg_register_backends(registry: BackendRegistry) -> None:
+    """Serve ``memory://`` for storage, queue and blobs."""
+    registry.add_storage("memory", MemoryStorage.from_url)
+    registry.add_queue("memory", MemoryQueue.from_url)
+    registry.add_blobs("memory", MemoryBlobStore.from_url)

@@ -1,0 +1,1119 @@
+"""SQLite backends (``sqlite:///path.db``): storage and queue in one file.
+
+The embedded default: no server to run, durable, and correct with several
+worker threads *and* several processes on one host sharing the file.
+
+URLs follow SQLAlchemy's convention::
+
+    sqlite:///csvimg.db               relative to the working directory
+    sqlite:////var/lib/csvimg/db      absolute (note the fourth slash)
+    sqlite:///data.db?busy_timeout=5  seconds to wait for a lock (default 30)
+
+The same URL serves as storage and as queue (`Settings.effective_queue_url`
+defaults to the storage URL), so both live in one database file.
+
+How it stays correct under concurrency:
+
+* WAL journal: readers never block the writer nor each other.
+* Every write is one ``BEGIN IMMEDIATE`` transaction: it takes the write
+  lock up front, so two writers queue on ``busy_timeout`` instead of both
+  reading, then one failing to upgrade (``SQLITE_BUSY`` with no retry).
+* `SqliteStorage.finish_item` reads the item, records the result, bumps the
+  counters and, for the last item, moves the request and writes the outbox
+  event, all in that one transaction: only one caller can see the last
+  item finish, across threads and processes alike.
+* ``synchronous=NORMAL``: in WAL mode a power cut may lose the last
+  transactions but never corrupts the file; the queue's at-least-once
+  redelivery and the stale-item sweep cover the loss.
+
+Blocking sqlite3 calls run in worker threads (`anyio.to_thread.run_sync`),
+each borrowing a connection from a small pool. Nothing is kept only in
+memory: a new process opening the file carries on where another stopped.
+Any `sqlite3.Error` surfaces as `StorageError`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import threading
+import uuid
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+from urllib.parse import parse_qsl, unquote
+
+import anyio
+import anyio.to_thread
+
+from csvimg._errors import ConfigError, NotFoundError, StorageError
+from csvimg.backends import Claim
+from csvimg.backends.memory import finish_outcome
+from csvimg.jobs import (
+    Delivery,
+    Event,
+    Item,
+    ItemResult,
+    ItemStatus,
+    ProcessOptions,
+    Request,
+    RequestStatus,
+    Row,
+    Webhook,
+    check_request,
+    now,
+)
+from csvimg.plugins import BackendRegistry, hookimpl
+from csvimg.settings import Settings
+
+__all__ = ["SqliteQueue", "SqliteStorage", "parse_sqlite_url"]
+
+T = TypeVar("T")
+
+DEFAULT_BUSY_TIMEOUT = 30.0
+"""Seconds a connection waits for another one's write lock before failing."""
+
+_PARAMS = {"busy_timeout"}
+
+
+def parse_sqlite_url(url: str) -> tuple[Path, float]:
+    """Return the absolute database path and the busy timeout of a ``sqlite://`` URL.
+
+    ``sqlite:///rel.db`` is relative to the working directory (made absolute
+    now, so a later ``chdir`` changes nothing), ``sqlite:////abs.db`` is
+    absolute. In-memory databases are refused: each connection would see
+    its own empty database (use ``memory://`` instead).
+    """
+    prefix = "sqlite://"
+    if not url.lower().startswith(prefix):
+        raise ConfigError(f"not a sqlite URL: {url!r}")
+    rest, _, query = url[len(prefix) :].partition("?")
+    if not rest.startswith("/"):
+        raise ConfigError(
+            f"sqlite URL {url!r} has a host part; use sqlite:///relative.db "
+            "or sqlite:////absolute/path.db"
+        )
+    raw = unquote(rest[1:])
+    if not raw or raw == ":memory:" or raw.startswith("file:"):
+        raise ConfigError(
+            f"sqlite URL {url!r} names no database file (in-memory SQLite cannot be "
+            "shared between connections: use memory:// instead)"
+        )
+    busy_timeout = DEFAULT_BUSY_TIMEOUT
+    for name, value in parse_qsl(query, keep_blank_values=True):
+        if name not in _PARAMS:
+            raise ConfigError(
+                f"unknown sqlite URL parameter {name!r} in {url!r} "
+                f"(known: {', '.join(sorted(_PARAMS))})"
+            )
+        try:
+            busy_timeout = float(value)
+        except ValueError:
+            raise ConfigError(f"busy_timeout must be seconds, not {value!r}") from None
+        if busy_timeout < 0:
+            raise ConfigError(f"busy_timeout must not be negative, not {value!r}")
+    return Path(raw).absolute(), busy_timeout
+
+
+def _describe(exc: sqlite3.Error, path: Path, busy_timeout: float) -> str:
+    text = str(exc)
+    if "locked" in text or "busy" in text:
+        return (
+            f"sqlite database {path} is locked: another connection held it "
+            f"longer than busy_timeout={busy_timeout:g}s ({text})"
+        )
+    if "full" in text:
+        return f"sqlite database {path}: disk full ({text})"
+    return f"sqlite database {path}: {text}"
+
+
+class _Database:
+    """A pool of connections to one database file, used from worker threads.
+
+    Connections are created lazily, at most ``max_connections`` at once (the
+    capacity limiter bounds the threads, hence the connections), and reused.
+    Each is in autocommit mode so transactions are explicit: reads are single
+    statements, writes go through `write` and its ``BEGIN IMMEDIATE``.
+    """
+
+    def __init__(
+        self, path: Path, *, busy_timeout: float, max_connections: int, schema: str
+    ) -> None:
+        self.path = path
+        self.busy_timeout = busy_timeout
+        self.max_connections = max_connections
+        self._schema = schema
+        self._lock = threading.Lock()
+        self._idle: list[sqlite3.Connection] = []
+        self._limiter: anyio.CapacityLimiter | None = None
+        self._open = False
+
+    def _connect(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(
+            self.path,
+            timeout=self.busy_timeout,
+            isolation_level=None,
+            # Connections move between pool threads, one thread at a time.
+            check_same_thread=False,
+        )
+        conn.execute("PRAGMA synchronous=NORMAL")
+        return conn
+
+    def _acquire(self) -> sqlite3.Connection:
+        with self._lock:
+            if not self._open:
+                raise StorageError(f"sqlite database {self.path} is closed")
+            if self._idle:
+                return self._idle.pop()
+        return self._connect()
+
+    def _release(self, conn: sqlite3.Connection) -> None:
+        if conn.in_transaction:
+            # Only after an error inside `write`; never hand on an open transaction.
+            try:
+                conn.rollback()
+            except sqlite3.Error:
+                conn.close()
+                return
+        with self._lock:
+            if self._open and len(self._idle) < self.max_connections:
+                self._idle.append(conn)
+                return
+        conn.close()
+
+    def call(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Run *fn* with a pooled connection in this (worker) thread."""
+        try:
+            conn = self._acquire()
+        except sqlite3.Error as exc:
+            raise StorageError(_describe(exc, self.path, self.busy_timeout)) from exc
+        try:
+            return fn(conn)
+        except sqlite3.Error as exc:
+            raise StorageError(_describe(exc, self.path, self.busy_timeout)) from exc
+        finally:
+            self._release(conn)
+
+    async def run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Run *fn* with a pooled connection in a worker thread."""
+        if self._limiter is None:
+            # Created lazily: a CapacityLimiter belongs to the running event loop.
+            self._limiter = anyio.CapacityLimiter(self.max_connections)
+        return await anyio.to_thread.run_sync(self.call, fn, limiter=self._limiter)
+
+    async def write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Run *fn* inside one ``BEGIN IMMEDIATE`` transaction."""
+        return await self.run(lambda conn: _in_transaction(conn, fn))
+
+    async def open(self) -> None:
+        """Create the folder, switch to WAL and create the schema."""
+        with self._lock:
+            self._open = True
+        # A limiter belongs to one event loop; a reopened backend may be on another.
+        self._limiter = None
+
+        def setup(conn: sqlite3.Connection) -> None:
+            # WAL is a property of the file: set once, every later connection has it.
+            mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+            if str(mode).lower() != "wal":  # pragma: no cover - exotic filesystems
+                raise StorageError(
+                    f"sqlite database {self.path} cannot use WAL journaling (got {mode!r})"
+                )
+            _in_transaction(conn, self._create_schema)
+
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StorageError(f"cannot create the folder of {self.path}: {exc}") from exc
+        try:
+            await self.run(setup)
+        except BaseException:
+            await self.close()
+            raise
+
+    def _create_schema(self, conn: sqlite3.Connection) -> None:
+        # One statement at a time: executescript() would COMMIT our
+        # transaction first, and two processes opening a fresh file at once
+        # must not interleave their CREATEs.
+        for statement in self._schema.split(";"):
+            if statement.strip():
+                conn.execute(statement)
+
+    async def close(self) -> None:
+        """Close idle connections; busy ones close when handed back."""
+        with self._lock:
+            self._open = False
+            idle, self._idle = self._idle, []
+        for conn in idle:
+            conn.close()
+
+    async def ping(self) -> None:
+        """Raise `StorageError` unless a query answers."""
+        await self.run(lambda conn: conn.execute("SELECT 1").fetchone())
+
+
+def _in_transaction(conn: sqlite3.Connection, fn: Callable[[sqlite3.Connection], T]) -> T:
+    # IMMEDIATE takes the write lock now (waiting up to busy_timeout), so a
+    # transaction never fails half-way trying to upgrade a read lock.
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        result = fn(conn)
+    except BaseException:
+        conn.rollback()
+        raise
+    conn.execute("COMMIT")
+    return result
+
+
+# --------------------------------------------------------------------------
+# Storage
+# --------------------------------------------------------------------------
+
+_STORAGE_SCHEMA = """
+CREATE TABLE IF NOT EXISTS requests (
+    id TEXT PRIMARY KEY,
+    status TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    updated_at REAL NOT NULL,
+    total INTEGER NOT NULL,
+    done INTEGER NOT NULL,
+    failed INTEGER NOT NULL,
+    header TEXT NOT NULL,
+    url_column INTEGER NOT NULL,
+    callback_url TEXT,
+    options TEXT NOT NULL,
+    owner TEXT,
+    filename TEXT
+);
+CREATE INDEX IF NOT EXISTS requests_created ON requests (created_at);
+CREATE INDEX IF NOT EXISTS requests_owner_created ON requests (owner, created_at);
+
+CREATE TABLE IF NOT EXISTS rows (
+    request_id TEXT NOT NULL,
+    idx INTEGER NOT NULL,
+    line INTEGER NOT NULL,
+    cells TEXT NOT NULL,
+    urls TEXT NOT NULL,
+    PRIMARY KEY (request_id, idx)
+) WITHOUT ROWID;
+
+CREATE TABLE IF NOT EXISTS items (
+    id TEXT PRIMARY KEY,
+    request_id TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    row INTEGER NOT NULL,
+    position INTEGER NOT NULL,
+    url TEXT NOT NULL,
+    status TEXT NOT NULL,
+    attempts INTEGER NOT NULL,
+    lease_until REAL,
+    output_key TEXT,
+    content_type TEXT,
+    bytes_in INTEGER,
+    bytes_out INTEGER,
+    width INTEGER,
+    height INTEGER,
+    error_code TEXT,
+    error_message TEXT,
+    updated_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS items_request_seq ON items (request_id, seq);
+CREATE INDEX IF NOT EXISTS items_status_lease ON items (status, lease_until);
+CREATE INDEX IF NOT EXISTS items_status_updated ON items (status, updated_at);
+
+CREATE TABLE IF NOT EXISTS webhooks (
+    id TEXT PRIMARY KEY,
+    url TEXT NOT NULL,
+    secret TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    owner TEXT,
+    active INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS webhooks_owner ON webhooks (owner, created_at);
+
+CREATE TABLE IF NOT EXISTS events (
+    id TEXT PRIMARY KEY,
+    type TEXT NOT NULL,
+    request_id TEXT NOT NULL,
+    owner TEXT,
+    callback_url TEXT,
+    created_at REAL NOT NULL,
+    attempts INTEGER NOT NULL,
+    next_attempt_at REAL,
+    lease_until REAL
+);
+CREATE INDEX IF NOT EXISTS events_due ON events (next_attempt_at);
+
+CREATE TABLE IF NOT EXISTS deliveries (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    request_id TEXT NOT NULL,
+    event_id TEXT NOT NULL,
+    url TEXT NOT NULL,
+    attempt INTEGER NOT NULL,
+    at REAL NOT NULL,
+    status_code INTEGER,
+    error TEXT,
+    webhook_id TEXT
+);
+CREATE INDEX IF NOT EXISTS deliveries_request ON deliveries (request_id, seq);
+"""
+
+_REQUEST_COLUMNS = (
+    "id, status, created_at, updated_at, total, done, failed, header, url_column, "
+    "callback_url, options, owner, filename"
+)
+_ITEM_COLUMNS = (
+    "id, request_id, row, position, url, status, attempts, output_key, content_type, "
+    "bytes_in, bytes_out, width, height, error_code, error_message, lease_until, updated_at"
+)
+_EVENT_COLUMNS = (
+    "id, type, request_id, created_at, owner, callback_url, attempts, next_attempt_at"
+)
+# Built from the constant column lists above only; every value is a bound parameter.
+_SELECT_REQUESTS = f"SELECT {_REQUEST_COLUMNS} FROM requests"  # noqa: S608
+_SELECT_ITEMS = f"SELECT {_ITEM_COLUMNS} FROM items"  # noqa: S608
+_SELECT_EVENTS = f"SELECT {_EVENT_COLUMNS} FROM events"  # noqa: S608
+_INSERT_REQUEST = (
+    f"INSERT INTO requests ({_REQUEST_COLUMNS}) "  # noqa: S608
+    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+
+
+def _request_from(row: sqlite3.Row | tuple[Any, ...]) -> Request:
+    return Request(
+        id=row[0],
+        status=RequestStatus(row[1]),
+        created_at=row[2],
+        updated_at=row[3],
+        total=row[4],
+        done=row[5],
+        failed=row[6],
+        header=tuple(json.loads(row[7])),
+        url_column=row[8],
+        callback_url=row[9],
+        options=ProcessOptions.from_dict(json.loads(row[10])),
+        owner=row[11],
+        filename=row[12],
+    )
+
+
+def _item_from(row: tuple[Any, ...]) -> Item:
+    return Item(
+        id=row[0],
+        request_id=row[1],
+        row=row[2],
+        position=row[3],
+        url=row[4],
+        status=ItemStatus(row[5]),
+        attempts=row[6],
+        output_key=row[7],
+        content_type=row[8],
+        bytes_in=row[9],
+        bytes_out=row[10],
+        width=row[11],
+        height=row[12],
+        error_code=row[13],
+        error_message=row[14],
+        lease_until=row[15],
+        updated_at=row[16],
+    )
+
+
+def _event_from(row: tuple[Any, ...]) -> Event:
+    return Event(
+        id=row[0],
+        type=row[1],
+        request_id=row[2],
+        created_at=row[3],
+        owner=row[4],
+        callback_url=row[5],
+        attempts=row[6],
+        next_attempt_at=row[7],
+    )
+
+
+def _get_item(conn: sqlite3.Connection, item_id: str) -> Item | None:
+    row = conn.execute(_SELECT_ITEMS + " WHERE id = ?", (item_id,)).fetchone()
+    return None if row is None else _item_from(row)
+
+
+def _get_request(conn: sqlite3.Connection, request_id: str) -> Request | None:
+    row = conn.execute(_SELECT_REQUESTS + " WHERE id = ?", (request_id,)).fetchone()
+    return None if row is None else _request_from(row)
+
+
+def _save_item(conn: sqlite3.Connection, item: Item) -> None:
+    conn.execute(
+        "UPDATE items SET status = ?, attempts = ?, lease_until = ?, output_key = ?, "
+        "content_type = ?, bytes_in = ?, bytes_out = ?, width = ?, height = ?, "
+        "error_code = ?, error_message = ?, updated_at = ? WHERE id = ?",
+        (
+            item.status.value,
+            item.attempts,
+            item.lease_until,
+            item.output_key,
+            item.content_type,
+            item.bytes_in,
+            item.bytes_out,
+            item.width,
+            item.height,
+            item.error_code,
+            item.error_message,
+            item.updated_at,
+            item.id,
+        ),
+    )
+
+
+class SqliteStorage:
+    """Storage in one SQLite file; see `csvimg.backends.Storage`.
+
+    One instance serves any number of tasks of one event loop; any number of
+    instances (threads, processes) may share the file.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        busy_timeout: float = DEFAULT_BUSY_TIMEOUT,
+        max_connections: int = 8,
+    ) -> None:
+        self.path = Path(path).absolute()
+        self._db = _Database(
+            self.path,
+            busy_timeout=busy_timeout,
+            max_connections=max_connections,
+            schema=_STORAGE_SCHEMA,
+        )
+
+    @classmethod
+    def from_url(cls, url: str, settings: Settings) -> SqliteStorage:
+        """Build from ``sqlite:///path.db`` (see `parse_sqlite_url`)."""
+        path, busy_timeout = parse_sqlite_url(url)
+        return cls(path, busy_timeout=busy_timeout)
+
+    def __repr__(self) -> str:
+        return f"SqliteStorage({str(self.path)!r})"
+
+    async def open(self) -> None:
+        """Create the database file and schema if needed."""
+        await self._db.open()
+
+    async def close(self) -> None:
+        """Close the connections (the file keeps everything)."""
+        await self._db.close()
+
+    async def ping(self) -> None:
+        """Raise `StorageError` unless the database answers."""
+        await self._db.ping()
+
+    async def create_request(
+        self, request: Request, rows: Sequence[Row], items: Sequence[Item]
+    ) -> None:
+        """Insert the request, its rows and items in one transaction."""
+        rid = request.id
+
+        def insert(conn: sqlite3.Connection) -> None:
+            try:
+                conn.execute(
+                    _INSERT_REQUEST,
+                    (
+                        rid,
+                        request.status.value,
+                        request.created_at,
+                        request.updated_at,
+                        request.total,
+                        request.done,
+                        request.failed,
+                        json.dumps(list(request.header)),
+                        request.url_column,
+                        request.callback_url,
+                        json.dumps(request.options.to_dict()),
+                        request.owner,
+                        request.filename,
+                    ),
+                )
+            except sqlite3.IntegrityError:
+                raise StorageError(f"request {rid} exists already") from None
+            # Generators, not lists: 300k items should not be copied twice.
+            conn.executemany(
+                "INSERT INTO rows (request_id, idx, line, cells, urls) VALUES (?, ?, ?, ?, ?)",
+                ((rid, r.index, r.line, json.dumps(r.cells), json.dumps(r.urls)) for r in rows),
+            )
+            try:
+                conn.executemany(
+                    "INSERT INTO items (id, request_id, seq, row, position, url, status, "
+                    "attempts, lease_until, output_key, content_type, bytes_in, bytes_out, "
+                    "width, height, error_code, error_message, updated_at) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        (
+                            i.id, rid, seq, i.row, i.position, i.url, i.status.value,
+                            i.attempts, i.lease_until, i.output_key, i.content_type,
+                            i.bytes_in, i.bytes_out, i.width, i.height, i.error_code,
+                            i.error_message, i.updated_at,
+                        )
+                        for seq, i in enumerate(items)
+                    ),
+                )
+            except sqlite3.IntegrityError as exc:
+                raise StorageError(f"request {rid}: duplicate item id ({exc})") from None
+
+        await self._db.write(insert)
+
+    async def get_request(self, request_id: str) -> Request | None:
+        """Return the request or None."""
+        return await self._db.run(lambda conn: _get_request(conn, request_id))
+
+    async def list_requests(self, *, owner: str | None = None, limit: int = 50) -> list[Request]:
+        """Newest first (of *owner* when given)."""
+
+        def query(conn: sqlite3.Connection) -> list[Request]:
+            if owner is None:
+                cur = conn.execute(
+                    _SELECT_REQUESTS + " ORDER BY created_at DESC, rowid DESC LIMIT ?",
+                    (limit,),
+                )
+            else:
+                cur = conn.execute(
+                    _SELECT_REQUESTS
+                    + " WHERE owner = ? ORDER BY created_at DESC, rowid DESC LIMIT ?",
+                    (owner, limit),
+                )
+            return [_request_from(r) for r in cur]
+
+        return await self._db.run(query)
+
+    async def list_rows(self, request_id: str, *, offset: int = 0, limit: int = 1000) -> list[Row]:
+        """Rows in upload order."""
+
+        def query(conn: sqlite3.Connection) -> list[Row]:
+            cur = conn.execute(
+                "SELECT idx, line, cells, urls FROM rows WHERE request_id = ? "
+                "ORDER BY idx LIMIT ? OFFSET ?",
+                (request_id, limit, offset),
+            )
+            return [
+                Row(index=r[0], line=r[1], cells=tuple(json.loads(r[2])),
+                    urls=tuple(json.loads(r[3])))
+                for r in cur
+            ]
+
+        return await self._db.run(query)
+
+    async def list_items(
+        self, request_id: str, *, offset: int = 0, limit: int = 1000
+    ) -> list[Item]:
+        """Items in (row, position) order, as they were created."""
+
+        def query(conn: sqlite3.Connection) -> list[Item]:
+            cur = conn.execute(
+                _SELECT_ITEMS + " WHERE request_id = ? ORDER BY seq LIMIT ? OFFSET ?",
+                (request_id, limit, offset),
+            )
+            return [_item_from(r) for r in cur]
+
+        return await self._db.run(query)
+
+    async def get_item(self, item_id: str) -> Item | None:
+        """Return the item or None."""
+        return await self._db.run(lambda conn: _get_item(conn, item_id))
+
+    async def start_item(self, item_id: str, *, lease_seconds: float) -> Item | None:
+        """Lease the item (see the protocol), in one write transaction."""
+
+        def start(conn: sqlite3.Connection) -> Item | None:
+            at = now()
+            item = _get_item(conn, item_id)
+            if item is None or item.status.finished:
+                return None
+            if item.status is ItemStatus.PROCESSING:
+                if item.lease_until is not None and item.lease_until > at:
+                    return None
+                # The lease ran out (its worker died): back to PENDING, then ours.
+                item = item.with_status(ItemStatus.PENDING, updated_at=at)
+            item = item.with_status(
+                ItemStatus.PROCESSING,
+                attempts=item.attempts + 1,
+                lease_until=at + lease_seconds,
+                updated_at=at,
+            )
+            _save_item(conn, item)
+            row = conn.execute(
+                "SELECT status FROM requests WHERE id = ?", (item.request_id,)
+            ).fetchone()
+            if row is not None and row[0] == RequestStatus.PENDING.value:
+                check_request(RequestStatus.PENDING, RequestStatus.PROCESSING)
+                conn.execute(
+                    "UPDATE requests SET status = ?, updated_at = ? WHERE id = ?",
+                    (RequestStatus.PROCESSING.value, at, item.request_id),
+                )
+            return item
+
+        return await self._db.write(start)
+
+    async def extend_lease(self, item_id: str, *, lease_seconds: float) -> bool:
+        """Push a PROCESSING item's lease forward."""
+
+        def extend(conn: sqlite3.Connection) -> bool:
+            cur = conn.execute(
+                "UPDATE items SET lease_until = ? WHERE id = ? AND status = ?",
+                (now() + lease_seconds, item_id, ItemStatus.PROCESSING.value),
+            )
+            return cur.rowcount > 0
+
+        return await self._db.write(extend)
+
+    async def retry_item(self, item_id: str, *, error_code: str, error_message: str) -> bool:
+        """Move PROCESSING -> PENDING, keeping the error for the record."""
+
+        def retry(conn: sqlite3.Connection) -> bool:
+            item = _get_item(conn, item_id)
+            if item is None or item.status is not ItemStatus.PROCESSING:
+                return False
+            _save_item(
+                conn,
+                item.with_status(
+                    ItemStatus.PENDING,
+                    lease_until=None,
+                    error_code=error_code,
+                    error_message=error_message,
+                ),
+            )
+            return True
+
+        return await self._db.write(retry)
+
+    async def finish_item(self, item_id: str, result: ItemResult) -> Request | None:
+        """Record the outcome, bump counters, maybe finish the request: one transaction."""
+
+        def finish(conn: sqlite3.Connection) -> Request | None:
+            at = now()
+            item = _get_item(conn, item_id)
+            if item is None or item.status.finished:
+                return None
+            if item.status is ItemStatus.PENDING:
+                # A result may arrive for an item whose lease was taken back
+                # (slow worker): accept it rather than redo the work.
+                item = item.with_status(ItemStatus.PROCESSING, updated_at=at)
+            _save_item(
+                conn,
+                item.with_status(
+                    ItemStatus.DONE if result.ok else ItemStatus.FAILED,
+                    output_key=result.output_key,
+                    content_type=result.content_type,
+                    bytes_in=result.bytes_in,
+                    bytes_out=result.bytes_out,
+                    width=result.width,
+                    height=result.height,
+                    error_code=result.error_code,
+                    error_message=result.error_message,
+                    lease_until=None,
+                    updated_at=at,
+                ),
+            )
+            request = _get_request(conn, item.request_id)
+            if request is None:  # pragma: no cover - items never outlive requests
+                raise StorageError(f"item {item_id} has no request {item.request_id}")
+            updated, event = finish_outcome(request, result, at)
+            # Relative increments, although the write lock makes them equal to
+            # `updated`'s values: they stay right even if someone edits by hand.
+            conn.execute(
+                "UPDATE requests SET done = done + ?, failed = failed + ?, status = ?, "
+                "updated_at = ? WHERE id = ?",
+                (
+                    updated.done - request.done,
+                    updated.failed - request.failed,
+                    updated.status.value,
+                    at,
+                    request.id,
+                ),
+            )
+            if event is None:
+                return None
+            conn.execute(
+                "INSERT INTO events (id, type, request_id, owner, callback_url, created_at, "
+                "attempts, next_attempt_at, lease_until) VALUES (?, ?, ?, ?, ?, ?, ?, ?, NULL)",
+                (
+                    event.id,
+                    event.type,
+                    event.request_id,
+                    event.owner,
+                    event.callback_url,
+                    event.created_at,
+                    event.attempts,
+                    event.next_attempt_at,
+                ),
+            )
+            return updated
+
+        return await self._db.write(finish)
+
+    async def stale_items(self, *, now: float, pending_before: float, limit: int) -> list[str]:
+        """Take back ended leases, touch forgotten PENDING items; return their ids.
+
+        One write transaction: PROCESSING items whose lease ended before
+        *now* move back to PENDING, PENDING items untouched since
+        *pending_before* are touched; both get ``updated_at = now``, so
+        another sweeper (thread or process) does not return them again
+        within its window.
+        """
+
+        def sweep(conn: sqlite3.Connection) -> list[str]:
+            # Both selections before any update: an item moved back to
+            # PENDING here must not also be picked as a forgotten PENDING one.
+            expired = conn.execute(
+                _SELECT_ITEMS + " WHERE status = ? AND lease_until < ? LIMIT ?",
+                (ItemStatus.PROCESSING.value, now, limit),
+            ).fetchall()
+            forgotten = conn.execute(
+                "SELECT id FROM items WHERE status = ? AND updated_at < ? LIMIT ?",
+                (ItemStatus.PENDING.value, pending_before, max(0, limit - len(expired))),
+            ).fetchall()
+            for row in expired:
+                item = _item_from(row)
+                _save_item(
+                    conn, item.with_status(ItemStatus.PENDING, lease_until=None, updated_at=now)
+                )
+            conn.executemany(
+                "UPDATE items SET updated_at = ? WHERE id = ?", ((now, r[0]) for r in forgotten)
+            )
+            return [r[0] for r in expired] + [r[0] for r in forgotten]
+
+        return await self._db.write(sweep)
+
+    async def add_webhook(self, webhook: Webhook) -> None:
+        """Register a receiver (replacing one with the same id)."""
+        await self._db.write(
+            lambda conn: conn.execute(
+                "INSERT OR REPLACE INTO webhooks (id, url, secret, created_at, owner, active) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
+                (
+                    webhook.id,
+                    webhook.url,
+                    webhook.secret,
+                    webhook.created_at,
+                    webhook.owner,
+                    int(webhook.active),
+                ),
+            )
+        )
+
+    async def list_webhooks(self, *, owner: str | None = None) -> list[Webhook]:
+        """Registrations of *owner* (None: the ownerless ones), oldest first."""
+
+        def query(conn: sqlite3.Connection) -> list[Webhook]:
+            cur = conn.execute(
+                "SELECT id, url, secret, created_at, owner, active FROM webhooks "
+                "WHERE owner IS ? ORDER BY created_at, rowid",
+                (owner,),
+            )
+            return [
+                Webhook(id=r[0], url=r[1], secret=r[2], created_at=r[3], owner=r[4],
+                        active=bool(r[5]))
+                for r in cur
+            ]
+
+        return await self._db.run(query)
+
+    async def set_webhook_active(self, webhook_id: str, active: bool) -> None:
+        """Enable or disable a registration (unknown ids are ignored)."""
+        await self._db.write(
+            lambda conn: conn.execute(
+                "UPDATE webhooks SET active = ? WHERE id = ?", (int(active), webhook_id)
+            )
+        )
+
+    async def delete_webhook(self, webhook_id: str, *, owner: str | None = None) -> bool:
+        """Delete a registration of *owner*."""
+
+        def delete(conn: sqlite3.Connection) -> bool:
+            cur = conn.execute(
+                "DELETE FROM webhooks WHERE id = ? AND owner IS ?", (webhook_id, owner)
+            )
+            return cur.rowcount > 0
+
+        return await self._db.write(delete)
+
+    async def claim_events(self, *, now: float, limit: int, lease_seconds: float) -> list[Event]:
+        """Lease up to *limit* due, undelivered events, oldest first."""
+
+        def claim(conn: sqlite3.Connection) -> list[Event]:
+            rows = conn.execute(
+                _SELECT_EVENTS
+                + " WHERE next_attempt_at IS NOT NULL AND next_attempt_at <= ? "
+                "AND (lease_until IS NULL OR lease_until <= ?) "
+                "ORDER BY created_at, rowid LIMIT ?",
+                (now, now, limit),
+            ).fetchall()
+            conn.executemany(
+                "UPDATE events SET lease_until = ? WHERE id = ?",
+                ((now + lease_seconds, r[0]) for r in rows),
+            )
+            return [_event_from(r) for r in rows]
+
+        return await self._db.write(claim)
+
+    async def reschedule_event(self, event_id: str, *, next_attempt_at: float | None) -> None:
+        """Count the round and schedule the next (None: delivered, never claimed again)."""
+
+        def reschedule(conn: sqlite3.Connection) -> None:
+            cur = conn.execute(
+                "UPDATE events SET attempts = attempts + 1, next_attempt_at = ?, "
+                "lease_until = NULL WHERE id = ?",
+                (next_attempt_at, event_id),
+            )
+            if cur.rowcount == 0:
+                raise NotFoundError(f"no event {event_id}")
+
+        await self._db.write(reschedule)
+
+    async def add_delivery(self, request_id: str, delivery: Delivery) -> None:
+        """Append one attempt to the request's log."""
+        await self._db.write(
+            lambda conn: conn.execute(
+                "INSERT INTO deliveries (request_id, event_id, url, attempt, at, status_code, "
+                "error, webhook_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    request_id,
+                    delivery.event_id,
+                    delivery.url,
+                    delivery.attempt,
+                    delivery.at,
+                    delivery.status_code,
+                    delivery.error,
+                    delivery.webhook_id,
+                ),
+            )
+        )
+
+    async def list_deliveries(self, request_id: str) -> list[Delivery]:
+        """Return the request's attempts, oldest first."""
+
+        def query(conn: sqlite3.Connection) -> list[Delivery]:
+            cur = conn.execute(
+                "SELECT event_id, url, attempt, at, status_code, error, webhook_id "
+                "FROM deliveries WHERE request_id = ? ORDER BY seq",
+                (request_id,),
+            )
+            return [
+                Delivery(event_id=r[0], url=r[1], attempt=r[2], at=r[3], status_code=r[4],
+                         error=r[5], webhook_id=r[6])
+                for r in cur
+            ]
+
+        return await self._db.run(query)
+
+
+# --------------------------------------------------------------------------
+# Queue
+# --------------------------------------------------------------------------
+
+# While leased, available_at = lease_until, so "ready" is one range scan of
+# one index; lease_until is kept too so a row says plainly why it waits.
+_QUEUE_SCHEMA = """
+CREATE TABLE IF NOT EXISTS queue (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    item_id TEXT NOT NULL,
+    available_at REAL NOT NULL,
+    lease_token TEXT,
+    lease_until REAL,
+    consumer TEXT,
+    deliveries INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS queue_ready ON queue (available_at, id);
+"""
+
+_READY = "available_at <= ?1 AND (lease_until IS NULL OR lease_until <= ?1)"
+_ANY_READY = f"SELECT 1 FROM queue WHERE {_READY} LIMIT 1"  # noqa: S608
+_SELECT_READY = (
+    f"SELECT id, item_id, deliveries FROM queue WHERE {_READY} "  # noqa: S608
+    "ORDER BY available_at, id LIMIT ?2"
+)
+
+
+def _token_row(token: str) -> int | None:
+    head, sep, _ = token.partition("-")
+    if not sep or not head.isdigit():
+        return None
+    return int(head)
+
+
+class SqliteQueue:
+    """An at-least-once queue of item ids in a SQLite table; see `csvimg.backends.Queue`.
+
+    A claim is one ``BEGIN IMMEDIATE`` transaction that leases ready rows
+    with a fresh token; the token embeds the row id, so ``ack`` /
+    ``release`` / ``extend`` touch exactly that row and only while the lease
+    is still this claim's. Waiting consumers poll (50 ms growing to 250 ms)
+    with a cheap read before taking the write lock, and wake at once when
+    this same instance enqueues.
+    """
+
+    poll_min = 0.05
+    """First pause between polls of an empty queue (seconds)."""
+    poll_max = 0.25
+    """Longest pause between polls (seconds)."""
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        busy_timeout: float = DEFAULT_BUSY_TIMEOUT,
+        max_connections: int = 4,
+    ) -> None:
+        self.path = Path(path).absolute()
+        self._db = _Database(
+            self.path,
+            busy_timeout=busy_timeout,
+            max_connections=max_connections,
+            schema=_QUEUE_SCHEMA,
+        )
+        self._wakeup: anyio.Event | None = None
+
+    @classmethod
+    def from_url(cls, url: str, settings: Settings) -> SqliteQueue:
+        """Build from ``sqlite:///path.db`` (see `parse_sqlite_url`)."""
+        path, busy_timeout = parse_sqlite_url(url)
+        return cls(path, busy_timeout=busy_timeout)
+
+    def __repr__(self) -> str:
+        return f"SqliteQueue({str(self.path)!r})"
+
+    async def open(self) -> None:
+        """Create the queue table if needed."""
+        self._wakeup = None
+        await self._db.open()
+
+    async def close(self) -> None:
+        """Close the connections (queued ids stay in the file)."""
+        await self._db.close()
+
+    async def ping(self) -> None:
+        """Raise `StorageError` unless the database answers."""
+        await self._db.ping()
+
+    def _wake(self) -> None:
+        if self._wakeup is not None:
+            self._wakeup.set()
+            self._wakeup = None
+
+    async def enqueue(self, item_ids: Sequence[str]) -> None:
+        """Add ids, ready now."""
+        if not item_ids:
+            return
+
+        def insert(conn: sqlite3.Connection) -> None:
+            at = now()
+            conn.executemany(
+                "INSERT INTO queue (item_id, available_at, deliveries) VALUES (?, ?, 0)",
+                ((i, at) for i in item_ids),
+            )
+
+        await self._db.write(insert)
+        self._wake()
+
+    def _take(
+        self, conn: sqlite3.Connection, consumer: str, max_items: int, lease_seconds: float
+    ) -> tuple[list[Claim], float | None]:
+        at = now()
+        # A plain read first: an empty queue must not take the write lock
+        # on every poll of every idle worker.
+        if conn.execute(_ANY_READY, (at,)).fetchone() is None:
+            due = conn.execute("SELECT min(available_at) FROM queue").fetchone()[0]
+            return [], due
+
+        def lease(conn: sqlite3.Connection) -> list[Claim]:
+            at = now()
+            until = at + lease_seconds
+            rows = conn.execute(
+                _SELECT_READY,
+                (at, max_items),
+            ).fetchall()
+            claims = [
+                Claim(item_id=item_id, token=f"{rid}-{uuid.uuid4().hex}", deliveries=n + 1)
+                for rid, item_id, n in rows
+            ]
+            conn.executemany(
+                "UPDATE queue SET lease_token = ?, lease_until = ?, available_at = ?, "
+                "consumer = ?, deliveries = ? WHERE id = ?",
+                (
+                    (c.token, until, until, consumer, c.deliveries, _token_row(c.token))
+                    for c in claims
+                ),
+            )
+            return claims
+
+        return _in_transaction(conn, lease), None
+
+    async def claim(
+        self, *, consumer: str, max_items: int, lease_seconds: float, wait: float
+    ) -> list[Claim]:
+        """Lease up to *max_items* ids, polling for up to *wait* seconds."""
+        deadline = anyio.current_time() + wait
+        pause = self.poll_min
+        while True:
+            claims, due = await self._db.run(
+                lambda conn: self._take(conn, consumer, max_items, lease_seconds)
+            )
+            remaining = deadline - anyio.current_time()
+            if claims or remaining <= 0:
+                return claims
+            sleep = min(pause, remaining)
+            if due is not None:
+                # Something is leased or delayed: wake when it comes due.
+                sleep = max(0.001, min(sleep, due - now()))
+            pause = min(pause * 1.5, self.poll_max)
+            if self._wakeup is None:
+                self._wakeup = anyio.Event()
+            with anyio.move_on_after(sleep):
+                await self._wakeup.wait()
+
+    async def _update(self, claim: Claim, sql: str, *params: Any) -> None:
+        rid = _token_row(claim.token)
+        if rid is None:
+            return
+        await self._db.write(
+            lambda conn: conn.execute(sql, (*params, rid, claim.token))
+        )
+
+    async def ack(self, claim: Claim) -> None:
+        """Delete the id, if this claim still holds it."""
+        await self._update(claim, "DELETE FROM queue WHERE id = ? AND lease_token = ?")
+
+    async def release(self, claim: Claim, *, delay: float = 0.0) -> None:
+        """Hand the id back, ready again after *delay* seconds."""
+        await self._update(
+            claim,
+            "UPDATE queue SET lease_token = NULL, lease_until = NULL, consumer = NULL, "
+            "available_at = ? WHERE id = ? AND lease_token = ?",
+            now() + delay,
+        )
+        self._wake()
+
+    async def extend(self, claim: Claim, *, lease_seconds: float) -> None:
+        """Hold the id *lease_seconds* more, if this claim still holds it."""
+        until = now() + lease_seconds
+        await self._update(
+            claim,
+            "UPDATE queue SET lease_until = ?, available_at = ? WHERE id = ? AND lease_token = ?",
+            until,
+            until,
+        )
+
+    async def depth(self) -> int:
+        """Count waiting plus leased ids."""
+
+        def count(conn: sqlite3.Connection) -> int:
+            return int(conn.execute("SELECT count(*) FROM queue").fetchone()[0])
+
+        return await self._db.run(count)
+
+
+@hookimpl
+def csvimg_register_backends(registry: BackendRegistry) -> None:
+    """Serve ``sqlite:///path.db`` for storage and queue."""
+    registry.add_storage("sqlite", SqliteStorage.from_url)
+    registry.add_queue("sqlite", SqliteQueue.from_url)

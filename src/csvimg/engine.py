@@ -1,0 +1,585 @@
+"""The engine: submit CSVs, run workers, read status, build the output CSV.
+
+An `Engine` wires a storage, a queue, a blob store and a notifier (built
+from URLs by `csvimg.plugins`) to the manifest parser, the safe fetcher and
+the codec. It is what the reference server, the CLI and embedding
+applications use::
+
+    async with Engine(Settings()) as engine:          # memory:// backends
+        request = await engine.submit(csv_bytes)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(engine.run_worker)
+            done = await engine.wait(request.id)
+            tg.cancel_scope.cancel()
+        async for chunk in engine.output_csv(request.id):
+            ...
+
+Work is spread item by item: the queue carries one id per image URL, a
+worker keeps up to ``concurrency`` items in flight (downloads overlap on
+the event loop) and compresses in ``codec_threads`` threads (Pillow
+releases the GIL, so every core is used).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import logging
+import os
+import socket
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterable
+from types import TracebackType
+from typing import IO, Any, Self
+
+import anyio
+
+from csvimg._errors import (
+    CsvimgError,
+    ItemError,
+    NotFinishedError,
+    NotFoundError,
+    StorageError,
+)
+from csvimg.backends import BlobStore, Claim, Notifier, Queue, Storage
+from csvimg.codec import Compressed, compress, sniff
+from csvimg.fetch import Fetcher
+from csvimg.jobs import (
+    Item,
+    ItemResult,
+    ProcessOptions,
+    Request,
+    item_id,
+    new_id,
+    now,
+)
+from csvimg.manifest import Manifest, parse_manifest
+from csvimg.plugins import Plugins
+from csvimg.settings import Settings
+
+__all__ = ["IMAGES_PATH", "OUTPUT_COLUMN", "Engine", "neutralise"]
+
+log = logging.getLogger("csvimg.engine")
+
+OUTPUT_COLUMN = "Output Image Urls"
+"""The name of the column the output CSV adds."""
+
+IMAGES_PATH = "/api/v1/images/"
+"""Where the reference server serves output images: ``<public_url>/api/v1/images/<key>``."""
+
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def neutralise(cell: str) -> str:
+    """Defuse a cell a spreadsheet would run as a formula (CSV injection).
+
+    A cell starting with ``= + - @``, tab or CR gets a leading apostrophe,
+    as OWASP recommends; every other cell is returned unchanged.
+    """
+    return "'" + cell if cell.startswith(_FORMULA_START) else cell
+
+
+CsvSource = bytes | str | Iterable[bytes] | IO[bytes]
+
+
+class Engine:
+    """Processes CSVs of image URLs with pluggable backends.
+
+    Build it from `Settings` (backends chosen by URL) or hand it backend
+    objects directly; use it as an async context manager so backends are
+    opened and closed.
+    """
+
+    def __init__(
+        self,
+        settings: Settings | None = None,
+        *,
+        plugins: Plugins | None = None,
+        storage: Storage | None = None,
+        queue: Queue | None = None,
+        blobs: BlobStore | None = None,
+        notifier: Notifier | None = None,
+    ) -> None:
+        self.settings = settings or Settings()
+        self.plugins = plugins or Plugins()
+        s = self.settings
+        self.storage: Storage = storage or self.plugins.storage(s.storage_url, s)
+        self.queue: Queue = queue or self.plugins.queue(s.effective_queue_url, s)
+        self.blobs: BlobStore = blobs or self.plugins.blobs(s.blobs_url, s)
+        self._notifier = notifier
+        self.consumer = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self._fetcher: Fetcher | None = None
+        self._codec_limiter = anyio.CapacityLimiter(max(1, s.codec_threads))
+        self._opened = False
+        self._on_item: list[Callable[[Item, ItemResult], Any]] = []
+
+    # -- life cycle -------------------------------------------------------
+
+    @property
+    def notifier(self) -> Notifier | None:
+        """The notifier delivering outbox events, built on first use."""
+        if self._notifier is None and self.settings.notifier_url:
+            self._notifier = self.plugins.notifier(self.settings.notifier_url, self.settings)
+            self._notifier_bind()
+        return self._notifier
+
+    def _notifier_bind(self) -> None:
+        bind = getattr(self._notifier, "bind", None)
+        if callable(bind):
+            bind(self)
+
+    async def open(self) -> None:
+        """Open every backend and the HTTP client pool."""
+        if self._opened:
+            return
+        await self.storage.open()
+        await self.queue.open()
+        await self.blobs.open()
+        self._fetcher = Fetcher(self.settings.fetch)
+        await self._fetcher.__aenter__()
+        self._opened = True
+
+    async def close(self) -> None:
+        """Close everything `open` opened."""
+        if not self._opened:
+            return
+        self._opened = False
+        if self._fetcher is not None:
+            await self._fetcher.__aexit__(None, None, None)
+            self._fetcher = None
+        if self._notifier is not None:
+            await self._notifier.close()
+        await self.blobs.close()
+        await self.queue.close()
+        await self.storage.close()
+
+    async def __aenter__(self) -> Self:
+        await self.open()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    @property
+    def fetcher(self) -> Fetcher:
+        """The shared, guarded HTTP client (the engine must be open)."""
+        if self._fetcher is None:
+            raise CsvimgError("the engine is not open: use 'async with Engine(...)'")
+        return self._fetcher
+
+    def on_item(self, callback: Callable[[Item, ItemResult], Any]) -> None:
+        """Call *callback(item, result)* in the worker after each item finishes."""
+        self._on_item.append(callback)
+
+    # -- submitting -------------------------------------------------------
+
+    async def parse(self, source: CsvSource) -> Manifest:
+        """Parse and validate a CSV off the event loop; raises `ManifestError`."""
+        limits = self.settings.manifest
+        return await anyio.to_thread.run_sync(lambda: parse_manifest(source, limits))
+
+    async def submit(
+        self,
+        source: CsvSource | Manifest,
+        *,
+        callback_url: str | None = None,
+        options: ProcessOptions | None = None,
+        owner: str | None = None,
+        filename: str | None = None,
+        request_id: str | None = None,
+    ) -> Request:
+        """Validate a CSV, store it as a new request and queue its images.
+
+        Raises `ManifestError` (with every problem) for an invalid CSV and
+        `StorageError` when the request could not be stored; in both cases
+        nothing is stored.
+        """
+        manifest = source if isinstance(source, Manifest) else await self.parse(source)
+        rid = request_id or new_id()
+        items: list[Item] = []
+        for row in manifest.rows:
+            for position, url in enumerate(row.urls):
+                items.append(
+                    Item(
+                        id=item_id(rid, len(items)),
+                        request_id=rid,
+                        row=row.index,
+                        position=position,
+                        url=url,
+                    )
+                )
+        at = now()
+        request = Request(
+            id=rid,
+            created_at=at,
+            updated_at=at,
+            total=len(items),
+            header=manifest.header,
+            url_column=manifest.url_column,
+            callback_url=callback_url,
+            options=options or self.settings.options,
+            owner=owner,
+            filename=filename,
+        )
+        await self.storage.create_request(request, manifest.rows, items)
+        # If we die between storing and enqueuing, the sweeper finds the
+        # PENDING items later (see requeue in `sweep`): nothing is lost.
+        await self.queue.enqueue([i.id for i in items])
+        log.info("request %s accepted: %d rows, %d images", rid, len(manifest.rows), len(items))
+        return request
+
+    # -- reading ----------------------------------------------------------
+
+    async def get_request(self, request_id: str) -> Request:
+        """Return the request or raise `NotFoundError`."""
+        request = await self.storage.get_request(request_id)
+        if request is None:
+            raise NotFoundError(f"no request {request_id!r}")
+        return request
+
+    async def wait(
+        self, request_id: str, *, timeout: float | None = None, poll: float = 0.05
+    ) -> Request:
+        """Poll until the request finishes; `TimeoutError` after *timeout* seconds."""
+        with anyio.fail_after(timeout):
+            while True:
+                request = await self.get_request(request_id)
+                if request.status.finished:
+                    return request
+                await anyio.sleep(poll)
+
+    def image_url(self, item: Item, base_url: str | None = None) -> str | None:
+        """The public URL of an item's output image (None if it has none)."""
+        if item.output_key is None:
+            return None
+        base = (base_url or self.settings.public_url or "").rstrip("/")
+        return f"{base}{IMAGES_PATH}{item.output_key}"
+
+    async def output_csv(
+        self,
+        request_id: str,
+        *,
+        url_for: Callable[[Item], str | None] | None = None,
+        page: int = 2000,
+    ) -> AsyncIterator[bytes]:
+        """Stream the output CSV: input rows unchanged plus ``Output Image Urls``.
+
+        Each output cell holds one URL per input URL, in the same order,
+        comma-separated; a failed image leaves its entry empty. Every cell
+        is neutralised against formula injection. Raises
+        `NotFinishedError` while the request is still running.
+        """
+        request = await self.get_request(request_id)
+        if not request.status.finished:
+            raise NotFinishedError(
+                f"request {request_id} is {request.status.value}: "
+                f"{request.finished_items} of {request.total} images finished"
+            )
+        to_url = url_for or self.image_url
+        buf = io.StringIO()
+        writer = csv.writer(buf, lineterminator="\r\n")
+        writer.writerow([neutralise(c) for c in (*request.header, OUTPUT_COLUMN)])
+        row_offset = 0
+        item_offset = 0
+        pending: list[Item] = []
+        while True:
+            rows = await self.storage.list_rows(request_id, offset=row_offset, limit=page)
+            if not rows:
+                break
+            row_offset += len(rows)
+            needed = sum(len(r.urls) for r in rows)
+            while len(pending) < needed:
+                more = await self.storage.list_items(
+                    request_id, offset=item_offset, limit=max(page, needed - len(pending))
+                )
+                if not more:
+                    raise StorageError(f"request {request_id}: items missing for output CSV")
+                item_offset += len(more)
+                pending.extend(more)
+            taken = 0
+            for row in rows:
+                row_items = pending[taken : taken + len(row.urls)]
+                taken += len(row.urls)
+                urls = ",".join((to_url(i) or "") if i.output_key else "" for i in row_items)
+                writer.writerow([neutralise(c) for c in (*row.cells, urls)])
+            pending = pending[taken:]
+            yield buf.getvalue().encode("utf-8")
+            buf.seek(0)
+            buf.truncate()
+        if buf.tell():
+            yield buf.getvalue().encode("utf-8")
+
+    async def output_csv_bytes(self, request_id: str, **kwargs: Any) -> bytes:
+        """Return the whole output CSV (see `output_csv`)."""
+        return b"".join([c async for c in self.output_csv(request_id, **kwargs)])
+
+    # -- processing -------------------------------------------------------
+
+    async def compress(self, data: bytes, options: ProcessOptions) -> Compressed:
+        """Compress in a codec thread (at most ``codec_threads`` at once)."""
+        limits = self.settings.codec
+        return await anyio.to_thread.run_sync(
+            lambda: compress(data, options, limits), limiter=self._codec_limiter
+        )
+
+    async def _produce(self, item: Item, request: Request) -> ItemResult:
+        fetched = await self.fetcher.fetch(item.url, first_chunk_check=sniff)
+        out = await self.compress(fetched.data, request.options)
+        seq = item.id.rsplit(".", 1)[-1]
+        key = f"{request.id}/{seq}.{out.extension}"
+        try:
+            await self.blobs.put(key, out.data, content_type=out.content_type)
+        except StorageError as exc:
+            # A full or read-only blob store fails this image with a reason;
+            # the request still finishes.
+            return ItemResult.failure("storage-error", str(exc), bytes_in=out.bytes_in)
+        return ItemResult(
+            output_key=key,
+            content_type=out.content_type,
+            bytes_in=out.bytes_in,
+            bytes_out=out.bytes_out,
+            width=out.width,
+            height=out.height,
+        )
+
+    async def process_item(self, item_id: str) -> bool:
+        """Process one item end to end; return True when it needs no more work.
+
+        Returns False when the item should be tried again later (a storage
+        failure); the caller then leaves its queue message unacknowledged.
+        Safe to call twice for the same item (at-least-once queues).
+        """
+        s = self.settings
+        item = await self.storage.start_item(item_id, lease_seconds=s.lease_seconds)
+        if item is None:
+            return True  # finished already, or another live worker holds it
+        request = await self.storage.get_request(item.request_id)
+        if request is None:  # pragma: no cover - storage keeps them together
+            return True
+        if item.attempts > s.max_attempts:
+            result = ItemResult.failure(
+                "too-many-attempts",
+                f"gave up after {item.attempts - 1} attempts (a worker died each time)",
+            )
+        else:
+            result = await self._run_with_lease(item, request)
+        finished = await self.storage.finish_item(item.id, result)
+        if result.ok:
+            log.debug("item %s of request %s done", item.id, request.id)
+        else:
+            log.warning(
+                "item %s of request %s failed: %s: %s (url %s)",
+                item.id, request.id, result.error_code, result.error_message,
+                _loggable(item.url),
+            )
+        for callback in self._on_item:
+            callback(item, result)
+        if finished is not None:
+            log.info(
+                "request %s %s: %d done, %d failed",
+                finished.id, finished.status.value, finished.done, finished.failed,
+            )
+        return True
+
+    async def _run_with_lease(self, item: Item, request: Request) -> ItemResult:
+        s = self.settings
+        result: ItemResult | None = None
+        async with anyio.create_task_group() as tg:
+
+            async def keep_lease() -> None:
+                while True:
+                    await anyio.sleep(max(0.5, s.lease_seconds / 3))
+                    await self.storage.extend_lease(item.id, lease_seconds=s.lease_seconds)
+
+            tg.start_soon(keep_lease)
+            try:
+                result = await self._produce(item, request)
+            except ItemError as exc:
+                result = ItemResult.failure(exc.code, exc.message)
+            except StorageError:
+                raise
+            except Exception as exc:
+                log.exception("item %s of request %s: unexpected error", item.id, request.id)
+                result = ItemResult.failure("internal-error", f"{type(exc).__name__}: {exc}")
+            finally:
+                tg.cancel_scope.cancel()
+        assert result is not None
+        return result
+
+    async def _handle(self, claim: Claim, slots: anyio.Semaphore) -> None:
+        s = self.settings
+        try:
+            async with anyio.create_task_group() as tg:
+
+                async def keep_claim() -> None:
+                    while True:
+                        await anyio.sleep(max(0.5, s.lease_seconds / 3))
+                        await self.queue.extend(claim, lease_seconds=s.lease_seconds)
+
+                tg.start_soon(keep_claim)
+                try:
+                    done = await self.process_item(claim.item_id)
+                finally:
+                    tg.cancel_scope.cancel()
+            if done:
+                await self.queue.ack(claim)
+            else:  # pragma: no cover - process_item returns True or raises
+                await self.queue.release(claim, delay=1.0)
+        except StorageError as exc:
+            log.error("item %s: storage failed, will retry: %s", claim.item_id, exc)
+            with anyio.CancelScope(shield=True):
+                # If even this fails, the lease runs out and the item comes back.
+                with contextlib.suppress(CsvimgError):
+                    await self.queue.release(claim, delay=min(30.0, 2.0 * claim.deliveries))
+        finally:
+            slots.release()
+
+    async def sweep(self) -> int:
+        """Re-enqueue items that fell out of the queue (dead workers, crashes).
+
+        Returns how many ids were enqueued again.
+        """
+        s = self.settings
+        at = now()
+        ids = await self.storage.stale_items(
+            now=at, pending_before=at - max(900.0, 10 * s.lease_seconds), limit=10_000
+        )
+        if ids:
+            await self.queue.enqueue(ids)
+            log.info("re-enqueued %d stale items", len(ids))
+        return len(ids)
+
+    async def run_worker(
+        self,
+        *,
+        stop: anyio.Event | None = None,
+        concurrency: int | None = None,
+        claim_wait: float = 1.0,
+        sweep: bool = True,
+        deliver: bool = True,
+    ) -> None:
+        """Process queued items until cancelled or *stop* is set.
+
+        On *stop*, no new item is claimed and in-flight items finish; when
+        cancelled, in-flight items are abandoned and their leases bring them
+        back to another worker. Also runs the sweeper and, when *deliver*,
+        the outbox delivery loop.
+        """
+        n = concurrency or self.settings.concurrency
+        slots = anyio.Semaphore(n)
+        stopping = stop or anyio.Event()
+        async with anyio.create_task_group() as outer:
+            if sweep:
+                outer.start_soon(self._sweep_loop)
+            if deliver and self.notifier is not None:
+                outer.start_soon(self.run_outbox)
+            async with anyio.create_task_group() as items:
+                while not stopping.is_set():
+                    await slots.acquire()
+                    free = slots.value + 1
+                    try:
+                        claims = await self.queue.claim(
+                            consumer=self.consumer,
+                            max_items=free,
+                            lease_seconds=self.settings.lease_seconds,
+                            wait=claim_wait,
+                        )
+                    except StorageError as exc:
+                        slots.release()
+                        log.error("queue unavailable, retrying: %s", exc)
+                        await anyio.sleep(1.0)
+                        continue
+                    if not claims:
+                        slots.release()
+                        continue
+                    for _ in claims[1:]:
+                        slots.acquire_nowait()
+                    for claim in claims:
+                        items.start_soon(self._handle, claim, slots)
+            outer.cancel_scope.cancel()
+
+    async def _sweep_loop(self) -> None:
+        while True:
+            try:
+                await self.sweep()
+            except StorageError as exc:
+                log.error("sweep failed: %s", exc)
+            await anyio.sleep(self.settings.sweep_interval)
+
+    async def run_outbox(self) -> None:
+        """Deliver due outbox events until cancelled (webhooks and other notifiers)."""
+        notifier = self.notifier
+        if notifier is None:
+            return
+        await notifier.open()
+        s = self.settings
+        while True:
+            try:
+                events = await self.storage.claim_events(
+                    now=now(), limit=20, lease_seconds=max(60.0, 4 * s.webhook_timeout)
+                )
+            except StorageError as exc:
+                log.error("outbox unavailable: %s", exc)
+                events = []
+            for event in events:
+                request = await self.storage.get_request(event.request_id)
+                if request is None:  # pragma: no cover - storage keeps them together
+                    await self.storage.reschedule_event(event.id, next_attempt_at=None)
+                    continue
+                try:
+                    next_at = await notifier.deliver(event, request)
+                except Exception:
+                    log.exception("event %s: notifier failed", event.id)
+                    next_at = now() + s.webhook_schedule[0] if s.webhook_schedule else None
+                await self.storage.reschedule_event(event.id, next_attempt_at=next_at)
+            if not events:
+                await anyio.sleep(s.outbox_interval)
+
+    async def run_until_finished(
+        self, request_id: str, *, timeout: float | None = None
+    ) -> Request:
+        """Run a worker in this task until *request_id* finishes; return it."""
+        result: Request | None = None
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(lambda: self.run_worker(claim_wait=0.2))
+            try:
+                result = await self.wait(request_id, timeout=timeout)
+            finally:
+                tg.cancel_scope.cancel()
+        assert result is not None
+        return result
+
+    async def items(self, request_id: str, *, offset: int = 0, limit: int = 100) -> list[Item]:
+        """Per-image results of a request, in CSV order; `NotFoundError` if unknown."""
+        await self.get_request(request_id)
+        return await self.storage.list_items(request_id, offset=offset, limit=limit)
+
+    async def ready(self) -> dict[str, str]:
+        """Ping storage and queue; return ``{"storage": "ok"|error, "queue": ...}``."""
+        out: dict[str, str] = {}
+        for name, backend in (("storage", self.storage), ("queue", self.queue)):
+            try:
+                with anyio.fail_after(5):
+                    await backend.ping()
+                out[name] = "ok"
+            except (CsvimgError, TimeoutError, OSError) as exc:
+                out[name] = f"error: {exc}"
+        return out
+
+
+def _loggable(url: str) -> str:
+    """Strip userinfo and query (they may carry secrets) from a URL for logs."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return url[:200]
+    netloc, slash, path = rest.partition("/")
+    netloc = netloc.rpartition("@")[2]
+    path = path.split("?", 1)[0].split("#", 1)[0]
+    return f"{scheme}://{netloc}{slash}{path}"[:200]
+

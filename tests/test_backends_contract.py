@@ -1,0 +1,76 @@
+"""Every built-in backend runs the contract suite of `csvimg.testing`."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+# The contract's asserts live in an installed module: have pytest rewrite
+# them so failures show values (a third-party conftest.py does the same).
+pytest.register_assert_rewrite("csvimg.testing")
+
+from csvimg.backends import BlobStore, Queue, Storage  # noqa: E402
+from csvimg.backends.files import FileBlobStore  # noqa: E402
+from csvimg.backends.memory import MemoryBlobStore, MemoryQueue, MemoryStorage  # noqa: E402
+from csvimg.backends.sqlite import SqliteQueue, SqliteStorage  # noqa: E402
+from csvimg.testing import (  # noqa: E402
+    BlobStoreContract,
+    QueueContract,
+    StorageContract,
+)
+
+
+class TestMemoryStorage(StorageContract):
+    @pytest.fixture
+    async def storage(self) -> AsyncIterator[Storage]:
+        backend = MemoryStorage()
+        await backend.open()
+        yield backend
+        await backend.close()
+
+
+class TestMemoryQueue(QueueContract):
+    @pytest.fixture
+    async def queue(self) -> AsyncIterator[Queue]:
+        backend = MemoryQueue()
+        await backend.open()
+        yield backend
+        await backend.close()
+
+
+class TestMemoryBlobStore(BlobStoreContract):
+    @pytest.fixture
+    async def blobs(self) -> AsyncIterator[BlobStore]:
+        backend = MemoryBlobStore()
+        await backend.open()
+        yield backend
+        await backend.close()
+
+
+class TestSqliteStorage(StorageContract):
+    @pytest.fixture
+    async def storage(self, tmp_path: Path) -> AsyncIterator[Storage]:
+        backend = SqliteStorage(tmp_path / "csvimg.db")
+        await backend.open()
+        yield backend
+        await backend.close()
+
+
+class TestSqliteQueue(QueueContract):
+    @pytest.fixture
+    async def queue(self, tmp_path: Path) -> AsyncIterator[Queue]:
+        backend = SqliteQueue(tmp_path / "csvimg.db")
+        await backend.open()
+        yield backend
+        await backend.close()
+
+
+class TestFileBlobStore(BlobStoreContract):
+    @pytest.fixture
+    async def blobs(self, tmp_path: Path) -> AsyncIterator[BlobStore]:
+        backend = FileBlobStore(tmp_path / "blobs")
+        await backend.open()
+        yield backend
+        await backend.close()

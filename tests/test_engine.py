@@ -1,0 +1,179 @@
+"""`import csvimg` end to end: memory backends, a real image host, real images."""
+
+from __future__ import annotations
+
+import csv
+import io
+from collections.abc import Iterator
+
+import anyio
+import pytest
+from PIL import Image
+
+import csvimg
+from csvimg import Engine, ItemStatus, ManifestError, NotFinishedError, RequestStatus, Settings
+from csvimg.fetch import FetchPolicy, parse_allow
+from images import photo, photo_jpeg
+from servers import ImageHost
+
+pytestmark = pytest.mark.anyio
+
+
+def _photo_png(width: int, height: int) -> bytes:
+    im = photo(width, height).convert("RGBA")
+    im.putalpha(200)
+    buf = io.BytesIO()
+    im.save(buf, "PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture
+def host() -> Iterator[ImageHost]:
+    with ImageHost() as h:
+        h.add("/a.jpg", photo_jpeg(640, 480, quality=92), content_type="image/jpeg")
+        h.add("/b.png", _photo_png(300, 200), content_type="image/png")
+        h.add("/c.jpg", photo_jpeg(800, 600, quality=95), content_type="image/jpeg")
+        h.add("/page.html", b"<html><body>not an image</body></html>", content_type="text/html")
+        yield h
+
+
+def _settings(host: ImageHost, **kw: object) -> Settings:
+    fetch = FetchPolicy(allow=parse_allow(host.allow), retries=0)
+    return Settings(fetch=fetch, public_url="http://img.example", **kw)  # type: ignore[arg-type]
+
+
+def _csv(rows: list[tuple[str, str, str]]) -> bytes:
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["S. No.", "Product Name", "Input Image Urls"])
+    w.writerows(rows)
+    return buf.getvalue().encode()
+
+
+async def test_end_to_end_with_memory_backends(host: ImageHost) -> None:
+    data = _csv(
+        [
+            ("1", "SKU1", f"{host.url('/a.jpg')},{host.url('/b.png')}"),
+            ("2", "=HYPERLINK(\"x\")", host.url("/missing.jpg")),
+            ("3", "SKU3", f"{host.url('/c.jpg')},{host.url('/page.html')},{host.url('/a.jpg')}"),
+        ]
+    )
+    async with Engine(_settings(host)) as engine:
+        request = await engine.submit(data, filename="products.csv")
+        assert request.status is RequestStatus.PENDING and request.total == 6
+        with pytest.raises(NotFinishedError):
+            await engine.output_csv_bytes(request.id)
+        finished = await engine.run_until_finished(request.id, timeout=60)
+        assert finished.status is RequestStatus.COMPLETED
+        assert (finished.done, finished.failed) == (4, 2)
+
+        items = await engine.items(request.id)
+        positions = [(i.row, i.position) for i in items]
+        assert positions == [(0, 0), (0, 1), (1, 0), (2, 0), (2, 1), (2, 2)]
+        by_url = {i.url.rsplit("/", 1)[1]: i for i in items}
+        assert by_url["missing.jpg"].error_code == "http-404"
+        assert by_url["page.html"].error_code == "not-an-image"
+        assert all(i.status is ItemStatus.DONE for i in items if i.error_code is None)
+
+        out = (await engine.output_csv_bytes(request.id)).decode()
+        rows = list(csv.reader(io.StringIO(out)))
+        assert rows[0] == ["S. No.", "Product Name", "Input Image Urls", "Output Image Urls"]
+        assert [r[0] for r in rows[1:]] == ["1", "2", "3"]
+        assert rows[2][1] == "'=HYPERLINK(\"x\")"  # neutralised
+        assert rows[1][2] == f"{host.url('/a.jpg')},{host.url('/b.png')}"  # input unchanged
+        out_urls = [r[3].split(",") for r in rows[1:]]
+        assert [len(u) for u in out_urls] == [2, 1, 3]
+        assert out_urls[1] == [""] and out_urls[2][1] == ""
+        sources = {"a.jpg": host_bytes(host, "/a.jpg"), "b.png": host_bytes(host, "/b.png"),
+                   "c.jpg": host_bytes(host, "/c.jpg")}
+        for row_urls, row_items in ((out_urls[0], items[0:2]), (out_urls[2], items[3:6])):
+            for url, item in zip(row_urls, row_items, strict=True):
+                if item.output_key is None:
+                    continue
+                assert url == f"http://img.example/api/v1/images/{item.output_key}"
+                blob = await engine.blobs.get(item.output_key)
+                with Image.open(io.BytesIO(blob)) as im:
+                    assert im.format == "JPEG"
+                    src = Image.open(io.BytesIO(sources[item.url.rsplit("/", 1)[1]]))
+                    assert im.size == src.size  # right image in the right place
+                assert len(blob) < len(sources[item.url.rsplit("/", 1)[1]])
+                assert item.bytes_out == len(blob)
+
+
+def host_bytes(host: ImageHost, path: str) -> bytes:
+    import httpx
+
+    return httpx.get(host.url(path)).content
+
+
+async def test_invalid_csv_stores_nothing(host: ImageHost) -> None:
+    async with Engine(_settings(host)) as engine:
+        with pytest.raises(ManifestError) as info:
+            await engine.submit(b"S. No.,Product Name,Input Image Urls\n1,,ftp://x/y.jpg\n")
+        codes = {p.code for p in info.value.errors}
+        assert codes == {"blank-product-name", "bad-scheme"}
+        assert await engine.storage.list_requests() == []
+        assert await engine.queue.depth() == 0
+
+
+async def test_dead_worker_item_is_picked_up_again(host: ImageHost) -> None:
+    """A worker that claims an item and vanishes: the lease brings it back."""
+    settings = _settings(host, lease_seconds=0.5)
+    async with Engine(settings) as engine:
+        request = await engine.submit(_csv([("1", "A", host.url("/a.jpg"))]))
+        # the "dead" worker: claims and starts the item, never finishes it
+        [claim] = await engine.queue.claim(consumer="dead", max_items=1, lease_seconds=0.5, wait=1)
+        started = await engine.storage.start_item(claim.item_id, lease_seconds=0.5)
+        assert started is not None and started.attempts == 1
+        finished = await engine.run_until_finished(request.id, timeout=30)
+        assert (finished.done, finished.failed) == (1, 0)
+        [item] = await engine.items(request.id)
+        assert item.attempts == 2 and item.status is ItemStatus.DONE
+
+
+async def test_item_processed_twice_counts_once(host: ImageHost) -> None:
+    async with Engine(_settings(host)) as engine:
+        request = await engine.submit(_csv([("1", "A", host.url("/a.jpg"))]))
+        [item] = await engine.items(request.id)
+        await engine.queue.enqueue([item.id])  # a duplicate delivery
+        finished = await engine.run_until_finished(request.id, timeout=30)
+        await anyio.sleep(0.2)
+        again = await engine.get_request(request.id)
+        assert (finished.done, again.done, again.failed) == (1, 1, 0)
+        assert await engine.process_item(item.id) is True  # harmless now
+        assert (await engine.get_request(request.id)).done == 1
+
+
+async def test_all_failed_request_is_failed(host: ImageHost) -> None:
+    async with Engine(_settings(host)) as engine:
+        request = await engine.submit(_csv([("1", "A", host.url("/nope.jpg"))]))
+        finished = await engine.run_until_finished(request.id, timeout=30)
+        assert finished.status is RequestStatus.FAILED
+        events = await engine.storage.claim_events(now=1e12, limit=10, lease_seconds=10)
+        assert [e.type for e in events] == ["request.failed"]
+
+
+async def test_poison_item_gives_up_after_max_attempts(host: ImageHost) -> None:
+    settings = _settings(host, lease_seconds=0.05, max_attempts=2)
+    async with Engine(settings) as engine:
+        request = await engine.submit(_csv([("1", "A", host.url("/a.jpg"))]))
+        [item] = await engine.items(request.id)
+        for _ in range(2):  # two workers die holding it
+            assert await engine.storage.start_item(item.id, lease_seconds=0.05) is not None
+            await anyio.sleep(0.1)
+        assert await engine.process_item(item.id)
+        [failed] = await engine.items(request.id)
+        assert failed.error_code == "too-many-attempts"
+
+
+def test_sync_embedding_example(host: ImageHost, tmp_path: object) -> None:
+    """The README's library example, with anyio.run."""
+
+    async def main() -> bytes:
+        async with csvimg.Engine(_settings(host)) as engine:
+            request = await engine.submit(_csv([("1", "A", host.url("/a.jpg"))]))
+            await engine.run_until_finished(request.id, timeout=30)
+            return await engine.output_csv_bytes(request.id)
+
+    out = anyio.run(main)
+    assert b"Output Image Urls" in out

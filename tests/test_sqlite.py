@@ -1,0 +1,374 @@
+"""SQLite backends: what the contract suite cannot see.
+
+Several processes and threads on one file, reopening, lock waits and
+timeouts, URL parsing, bulk inserts, broken files.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import random
+import sqlite3
+import threading
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import anyio
+import attrs
+import pytest
+
+from csvimg._errors import ConfigError, StorageError
+from csvimg.backends.sqlite import SqliteQueue, SqliteStorage, parse_sqlite_url
+from csvimg.jobs import (
+    Item,
+    ItemResult,
+    ItemStatus,
+    Request,
+    RequestStatus,
+    Row,
+    item_id,
+    new_id,
+)
+from csvimg.plugins import Plugins
+from csvimg.settings import Settings
+from csvimg.testing import claimable_events, sample_request
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+def db(tmp_path: Path) -> Path:
+    return tmp_path / "csvimg.db"
+
+
+@pytest.fixture
+async def storage(db: Path) -> AsyncIterator[SqliteStorage]:
+    backend = SqliteStorage(db)
+    await backend.open()
+    yield backend
+    await backend.close()
+
+
+def _result(seq: int) -> ItemResult:
+    if seq % 5 == 0:
+        return ItemResult.failure("http-404", f"item {seq} is gone")
+    return ItemResult(output_key=f"out/{seq}.jpg", content_type="image/jpeg", bytes_out=seq)
+
+
+# -- URLs --------------------------------------------------------------------
+
+
+def test_url_relative_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    path, busy = parse_sqlite_url("sqlite:///data/csvimg.db")
+    assert path == tmp_path / "data" / "csvimg.db"
+    assert busy == 30.0
+
+
+def test_url_absolute_path_and_options() -> None:
+    assert parse_sqlite_url("sqlite:////var/lib/csvimg.db") == (Path("/var/lib/csvimg.db"), 30.0)
+    assert parse_sqlite_url("sqlite:////tmp/a%20b.db?busy_timeout=2.5") == (
+        Path("/tmp/a b.db"),
+        2.5,
+    )
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "sqlite://",
+        "sqlite:///",
+        "sqlite:///:memory:",
+        "sqlite://host/x.db",
+        "sqlite:///x.db?journal=off",
+        "sqlite:///x.db?busy_timeout=soon",
+        "sqlite:///x.db?busy_timeout=-1",
+        "postgresql:///x.db",
+    ],
+)
+def test_bad_urls(url: str) -> None:
+    with pytest.raises(ConfigError):
+        parse_sqlite_url(url)
+
+
+def test_registered_for_storage_and_queue(db: Path) -> None:
+    plugins = Plugins(load_entrypoints=False)
+    url = f"sqlite:///{db}"  # an absolute path after three slashes: four in all
+    storage = plugins.storage(url, Settings())
+    queue = plugins.queue(url, Settings())
+    assert isinstance(storage, SqliteStorage)
+    assert isinstance(queue, SqliteQueue)
+    assert storage.path == queue.path == db
+
+
+# -- durability ----------------------------------------------------------------
+
+
+async def test_reopen_resumes_everything(db: Path) -> None:
+    """A new instance (as in a new process) sees leases, counters, queue, events."""
+    storage, queue = SqliteStorage(db), SqliteQueue(db)
+    await storage.open()
+    await queue.open()
+    request, rows, items = sample_request(rows=2, urls_per_row=2)
+    await storage.create_request(request, rows, items)
+    await queue.enqueue([i.id for i in items])
+    [claim] = await queue.claim(consumer="w1", max_items=1, lease_seconds=60, wait=0)
+    leased = await storage.start_item(claim.item_id, lease_seconds=60)
+    assert leased is not None
+    await storage.finish_item(items[3].id, _result(3))
+    await storage.close()
+    await queue.close()
+
+    storage, queue = SqliteStorage(db), SqliteQueue(db)
+    await storage.open()
+    await queue.open()
+    try:
+        assert await storage.get_item(leased.id) == leased
+        assert await storage.start_item(leased.id, lease_seconds=60) is None
+        stored = await storage.get_request(request.id)
+        assert stored is not None
+        assert (stored.status, stored.failed + stored.done) == (RequestStatus.PROCESSING, 1)
+        assert await queue.depth() == 4
+        others = await queue.claim(consumer="w2", max_items=10, lease_seconds=60, wait=0)
+        assert sorted(c.item_id for c in others) == sorted(i.id for i in items[1:])
+        for seq in range(3):
+            await storage.finish_item(items[seq].id, _result(seq))
+        assert len(await claimable_events(storage, request.id)) == 1
+    finally:
+        await storage.close()
+        await queue.close()
+
+
+async def test_closed_backend_raises_then_reopens(db: Path) -> None:
+    storage = SqliteStorage(db)
+    await storage.open()
+    await storage.close()
+    with pytest.raises(StorageError, match="closed"):
+        await storage.ping()
+    with pytest.raises(StorageError):
+        await storage.get_request(new_id())
+    await storage.open()
+    await storage.ping()
+    await storage.close()
+
+
+async def test_duplicate_item_ids_write_nothing(storage: SqliteStorage) -> None:
+    request, rows, items = sample_request(rows=2, urls_per_row=2)
+    items[3] = attrs.evolve(items[3], id=items[0].id)
+    with pytest.raises(StorageError, match="duplicate item"):
+        await storage.create_request(request, rows, items)
+    assert await storage.get_request(request.id) is None
+    assert await storage.list_rows(request.id) == []
+    assert await storage.list_items(request.id) == []
+
+
+async def test_bulk_insert(storage: SqliteStorage, db: Path) -> None:
+    """100k items go in one transaction, quickly, and page back in order."""
+    rid = new_id()
+    rows = [
+        Row(index=i, line=i + 2, cells=(str(i), f"p{i}", "u"), urls=(f"https://x/{i}/a",
+                                                                    f"https://x/{i}/b"))
+        for i in range(50_000)
+    ]
+    items = [
+        Item(id=item_id(rid, 2 * r.index + p), request_id=rid, row=r.index, position=p, url=u)
+        for r in rows
+        for p, u in enumerate(r.urls)
+    ]
+    start = time.perf_counter()
+    await storage.create_request(Request(id=rid, total=len(items)), rows, items)
+    assert time.perf_counter() - start < 15  # about 1 s on a 2-core machine
+    tail = await storage.list_items(rid, offset=99_990, limit=50)
+    assert tail == items[99_990:]
+    assert await storage.list_rows(rid, offset=49_999) == rows[49_999:]
+    queue = SqliteQueue(db)
+    await queue.open()
+    try:
+        await queue.enqueue([i.id for i in items])
+        assert await queue.depth() == 100_000
+        claims = await queue.claim(consumer="w", max_items=64, lease_seconds=60, wait=0)
+        assert [c.item_id for c in claims] == [i.id for i in items[:64]]
+    finally:
+        await queue.close()
+
+
+# -- concurrency across threads and processes ----------------------------------
+
+
+def _finish_everything(path: str, request_id: str, total: int, seed: int) -> int:
+    """Start and finish every item of a request in a random order; count wins."""
+
+    async def run() -> int:
+        storage = SqliteStorage(path)
+        await storage.open()
+        wins = 0
+        order = list(range(total))
+        random.Random(seed).shuffle(order)
+        try:
+            for seq in order:
+                await storage.start_item(item_id(request_id, seq), lease_seconds=60)
+                if await storage.finish_item(item_id(request_id, seq), _result(seq)) is not None:
+                    wins += 1
+        finally:
+            await storage.close()
+        return wins
+
+    return anyio.run(run)
+
+
+def _process_main(
+    path: str, request_id: str, total: int, seed: int, barrier: threading.Barrier,
+    results: multiprocessing.Queue[int],
+) -> None:
+    barrier.wait()
+    results.put(_finish_everything(path, request_id, total, seed))
+
+
+async def _check_finished_once(storage: SqliteStorage, request: Request, wins: list[int]) -> None:
+    assert sum(wins) == 1
+    stored = await storage.get_request(request.id)
+    assert stored is not None
+    failed = sum(1 for seq in range(request.total) if seq % 5 == 0)
+    assert (stored.done, stored.failed) == (request.total - failed, failed)
+    assert stored.status is RequestStatus.COMPLETED
+    items = await storage.list_items(request.id, limit=request.total)
+    assert all(i.status.finished for i in items)
+    assert sum(1 for i in items if i.status is ItemStatus.FAILED) == failed
+    assert len(await claimable_events(storage, request.id)) == 1
+
+
+async def test_processes_finish_exactly_once(storage: SqliteStorage, db: Path) -> None:
+    """Three processes race over every item of one request on one file."""
+    request, rows, items = sample_request(rows=60, urls_per_row=2)
+    await storage.create_request(request, rows, items)
+    ctx = multiprocessing.get_context("spawn")
+    barrier = ctx.Barrier(3)
+    results: multiprocessing.Queue[int] = ctx.Queue()
+    procs = [
+        ctx.Process(
+            target=_process_main,
+            args=(str(db), request.id, len(items), seed, barrier, results),
+        )
+        for seed in range(3)
+    ]
+    for proc in procs:
+        proc.start()
+    try:
+        wins = [await anyio.to_thread.run_sync(results.get, True, 60) for _ in procs]
+    finally:
+        for proc in procs:
+            proc.join(30)
+    assert [p.exitcode for p in procs] == [0, 0, 0]
+    await _check_finished_once(storage, request, wins)
+
+
+async def test_threads_finish_exactly_once(storage: SqliteStorage, db: Path) -> None:
+    """Four threads, each with its own event loop and connections, race too."""
+    request, rows, items = sample_request(rows=50, urls_per_row=2)
+    await storage.create_request(request, rows, items)
+    wins: list[int] = []
+    threads = [
+        threading.Thread(
+            target=lambda seed=seed: wins.append(
+                _finish_everything(str(db), request.id, len(items), seed)
+            )
+        )
+        for seed in range(4)
+    ]
+    for thread in threads:
+        thread.start()
+
+    def join() -> None:
+        for thread in threads:
+            thread.join(60)
+
+    await anyio.to_thread.run_sync(join)
+    assert len(wins) == 4
+    await _check_finished_once(storage, request, wins)
+
+
+async def test_queue_instances_share_the_table(db: Path) -> None:
+    """A claim waiting in one instance sees what another instance enqueues."""
+    waiting, feeder = SqliteQueue(db), SqliteQueue(db)
+    await waiting.open()
+    await feeder.open()
+    got = []
+    try:
+        async with anyio.create_task_group() as tg:
+
+            async def consume() -> None:
+                got.extend(
+                    await waiting.claim(consumer="w", max_items=5, lease_seconds=30, wait=5)
+                )
+
+            tg.start_soon(consume)
+            await anyio.sleep(0.1)
+            start = anyio.current_time()
+            await feeder.enqueue(["x"])
+        assert anyio.current_time() - start < 1.5  # one poll interval, not *wait*
+        assert [c.item_id for c in got] == ["x"]
+    finally:
+        await waiting.close()
+        await feeder.close()
+
+
+# -- locks and broken files ----------------------------------------------------
+
+
+def _hold_lock(db: Path) -> sqlite3.Connection:
+    conn = sqlite3.connect(db, isolation_level=None, check_same_thread=False)
+    conn.execute("BEGIN EXCLUSIVE")
+    return conn
+
+
+async def test_writes_wait_for_a_lock(storage: SqliteStorage, db: Path) -> None:
+    request, rows, items = sample_request(rows=1, urls_per_row=1)
+    await storage.create_request(request, rows, items)
+    holder = _hold_lock(db)
+    timer = threading.Timer(0.4, holder.commit)
+    timer.start()
+    start = time.perf_counter()
+    try:
+        finished = await storage.finish_item(items[0].id, _result(1))
+    finally:
+        timer.join()
+        holder.close()
+    assert time.perf_counter() - start >= 0.3
+    assert finished is not None
+
+
+async def test_lock_held_too_long_is_a_storage_error(db: Path) -> None:
+    storage = SqliteStorage(db, busy_timeout=0.2)
+    await storage.open()
+    request, rows, items = sample_request(rows=1, urls_per_row=1)
+    await storage.create_request(request, rows, items)
+    holder = _hold_lock(db)
+    try:
+        start = time.perf_counter()
+        with pytest.raises(StorageError, match="locked"):
+            await storage.start_item(items[0].id, lease_seconds=30)
+        assert time.perf_counter() - start < 5
+        # Reads go on under WAL while a writer holds the lock.
+        assert await storage.get_request(request.id) == request
+    finally:
+        holder.rollback()
+        holder.close()
+    assert await storage.start_item(items[0].id, lease_seconds=30) is not None
+    await storage.close()
+
+
+async def test_not_a_database(tmp_path: Path) -> None:
+    path = tmp_path / "garbage.db"
+    path.write_bytes(b"this is not a database, not even close" * 100)
+    with pytest.raises(StorageError, match="not a database"):
+        await SqliteStorage(path).open()
+
+
+async def test_unusable_paths(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(StorageError):
+        await SqliteStorage(tmp_path / "file" / "db.sqlite").open()
+    (tmp_path / "dir.db").mkdir()
+    with pytest.raises(StorageError):
+        await SqliteQueue(tmp_path / "dir.db").open()
