@@ -228,9 +228,13 @@ class Engine:
             filename=filename,
         )
         await self.storage.create_request(request, manifest.rows, items)
-        # If we die between storing and enqueuing, the sweeper finds the
-        # PENDING items later (see requeue in `sweep`): nothing is lost.
-        await self.queue.enqueue([i.id for i in items])
+        try:
+            await self.queue.enqueue([i.id for i in items])
+        except CsvimgError as exc:
+            # The request is stored for good: answering with an error would
+            # make the client upload it twice. The sweeper enqueues items left
+            # PENDING (see `sweep`), so nothing is lost, only delayed.
+            log.error("request %s stored but not enqueued (the sweeper will): %s", rid, exc)
         log.info("request %s accepted: %d rows, %d images", rid, len(manifest.rows), len(items))
         return request
 
@@ -482,6 +486,9 @@ class Engine:
             async with anyio.create_task_group() as items:
                 while not stopping.is_set():
                     await slots.acquire()
+                    if stopping.is_set():  # set while we waited for a free slot
+                        slots.release()
+                        break
                     free = slots.value + 1
                     try:
                         claims = await self.queue.claim(
@@ -498,6 +505,12 @@ class Engine:
                     if not claims:
                         slots.release()
                         continue
+                    if stopping.is_set():  # told to stop while waiting: hand them back
+                        slots.release()
+                        for claim in claims:
+                            with contextlib.suppress(CsvimgError):
+                                await self.queue.release(claim)
+                        break
                     for _ in claims[1:]:
                         slots.acquire_nowait()
                     for claim in claims:

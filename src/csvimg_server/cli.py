@@ -1,0 +1,554 @@
+"""The ``csvimg`` command: serve, worker, process, validate, status.
+
+Every backend option has an environment variable (``--storage`` and
+``CSVIMG_STORAGE`` ...); an option on the command line wins over the
+variable, which wins over the default. With no configuration at all,
+``serve`` and ``worker`` share ``./csvimg-data/``: the SQLite database
+``csvimg.db`` (storage and queue) and the image folder ``images/``.
+
+Exit codes: 0 success, 1 failure (invalid CSV, server unreachable...),
+2 usage or configuration errors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Final, TextIO
+
+import anyio
+
+from csvimg._errors import ConfigError, ManifestError, StorageError
+from csvimg.settings import Settings
+
+__all__ = ["main"]
+
+log = logging.getLogger("csvimg.server")
+
+DEFAULT_DATA_DIR: Final = "csvimg-data"
+DEFAULT_HOST: Final = "127.0.0.1"
+DEFAULT_PORT: Final = 8000
+DEFAULT_SERVER: Final = "http://127.0.0.1:8000"
+SHUTDOWN_TIMEOUT: Final = 30.0
+LOG_LEVELS: Final = ("debug", "info", "warning", "error", "critical")
+
+EXIT_OK: Final = 0
+EXIT_FAILED: Final = 1
+EXIT_USAGE: Final = 2
+
+
+class UsageError(Exception):
+    """A bad option or environment variable: print it and exit 2."""
+
+
+# ------------------------------------------------------------------ options
+
+
+def _env_or(value: Any, env: Mapping[str, str], name: str) -> Any:
+    """Return the option if given, else the environment variable (None if unset)."""
+    if value is not None:
+        return value
+    raw = env.get(name, "").strip()
+    return raw or None
+
+
+def _int_option(value: Any, env: Mapping[str, str], name: str, default: int, low: int) -> int:
+    raw = _env_or(value, env, name)
+    if raw is None:
+        return default
+    try:
+        number = int(raw)
+    except ValueError:
+        raise UsageError(f"{name} must be a whole number, not {raw!r}") from None
+    if number < low:
+        raise UsageError(f"{name} must be at least {low}, not {number}")
+    return number
+
+
+def _data_dir(args: argparse.Namespace, env: Mapping[str, str]) -> Path:
+    raw = _env_or(args.data_dir, env, "CSVIMG_DATA_DIR") or DEFAULT_DATA_DIR
+    return Path(raw).expanduser().absolute()
+
+
+def _backend_settings(args: argparse.Namespace, env: Mapping[str, str]) -> Settings:
+    """Build the settings of ``serve`` and ``worker``: backends from options, env or data dir."""
+    overrides: dict[str, Any] = {}
+    data_dir = _data_dir(args, env)
+    storage = _env_or(args.storage, env, "CSVIMG_STORAGE")
+    blobs = _env_or(args.blobs, env, "CSVIMG_BLOBS")
+    queue = _env_or(args.queue, env, "CSVIMG_QUEUE")
+    if storage is None or blobs is None:
+        # The embedded default lives in the data folder; create it so SQLite
+        # and the blob store find their parent directory.
+        try:
+            data_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise UsageError(f"cannot create the data folder {data_dir}: {exc}") from None
+    overrides["storage_url"] = storage or f"sqlite:///{data_dir / 'csvimg.db'}"
+    overrides["blobs_url"] = blobs or f"file://{data_dir / 'images'}"
+    overrides["queue_url"] = queue
+    if not env.get("CSVIMG_WEBHOOK_SECRET"):
+        overrides["webhook_secret"] = _webhook_secret(data_dir)
+    if getattr(args, "public_url", None):
+        overrides["public_url"] = args.public_url
+    if args.concurrency is not None:
+        if args.concurrency < 1:
+            raise UsageError(f"--concurrency must be at least 1, not {args.concurrency}")
+        overrides["concurrency"] = args.concurrency
+    try:
+        return Settings.from_env(env, **overrides)
+    except (ConfigError, ValueError) as exc:
+        raise UsageError(str(exc)) from None
+
+
+def _webhook_secret(data_dir: Path) -> str:
+    """Return the deployment's webhook secret kept in the data folder, made once.
+
+    Callback secrets derive from it, so it must outlive restarts and be the
+    same for ``serve`` and every ``worker`` of a deployment; a folder shared
+    by them is where the embedded default keeps it. (Deployments without a
+    shared folder set ``CSVIMG_WEBHOOK_SECRET``.)
+    """
+    from csvimg.webhooks import new_secret
+
+    path = data_dir / "webhook-secret"
+    try:
+        data_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            # O_EXCL: of two processes starting at once, one writes, both read.
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            pass
+        else:
+            with os.fdopen(fd, "w") as fp:
+                fp.write(new_secret() + "\n")
+        for _ in range(50):
+            secret = path.read_text().strip()
+            if secret:
+                return secret
+            time.sleep(0.01)  # the other process is between create and write
+    except OSError as exc:
+        raise UsageError(f"cannot keep the webhook secret in {path}: {exc}") from None
+    raise UsageError(f"{path} is empty: delete it or set CSVIMG_WEBHOOK_SECRET")
+
+
+def _setup_logging(level: str | None, env: Mapping[str, str]) -> str:
+    chosen = (level or env.get("CSVIMG_LOG_LEVEL", "") or "info").lower()
+    if chosen not in LOG_LEVELS:
+        raise UsageError(f"log level must be one of {', '.join(LOG_LEVELS)}, not {chosen!r}")
+    logging.basicConfig(
+        level=chosen.upper(),
+        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    # httpx logs every image download at INFO, full URL included (query
+    # strings may carry tokens): too much, and not ours to show.
+    logging.getLogger("httpx").setLevel(max(logging.WARNING, logging.getLogger().level))
+    return chosen
+
+
+def _quiet_signals() -> None:
+    """Make SIGTERM/SIGINT no-ops once a graceful shutdown is over.
+
+    uvicorn re-raises the signal that stopped it after shutting down, to
+    get the default behaviour; a clean stop should exit 0 instead.
+    """
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda signum, frame: None)
+
+
+# ---------------------------------------------------------------- commands
+
+
+def cmd_serve(args: argparse.Namespace, env: Mapping[str, str]) -> int:
+    """``csvimg serve``: the HTTP API with in-process workers, under uvicorn."""
+    import uvicorn
+
+    from csvimg_server.app import create_app
+
+    level = _setup_logging(args.log_level, env)
+    host = _env_or(args.host, env, "CSVIMG_HOST") or DEFAULT_HOST
+    port = _int_option(args.port, env, "CSVIMG_PORT", DEFAULT_PORT, 0)
+    workers = _int_option(args.workers, env, "CSVIMG_WORKERS", 1, 0)
+    settings = _backend_settings(args, env)
+    try:
+        app = create_app(settings, workers=workers, shutdown_grace=args.shutdown_timeout)
+    except ConfigError as exc:
+        raise UsageError(str(exc)) from None
+    log.info(
+        "csvimg serve: storage %s, queue %s, blobs %s, %d worker loop(s)",
+        _redact(settings.storage_url), _redact(settings.effective_queue_url),
+        _redact(settings.blobs_url), workers,
+    )
+    config = uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        log_level=level,
+        lifespan="on",
+        timeout_graceful_shutdown=max(1, round(args.shutdown_timeout)),
+        server_header=False,
+    )
+    server = uvicorn.Server(config)
+    _quiet_signals()
+    try:
+        server.run()
+    except SystemExit as exc:  # uvicorn exits when it cannot bind or start the app
+        return EXIT_FAILED if exc.code else EXIT_OK
+    return EXIT_OK if server.started else EXIT_FAILED
+
+
+def _redact(url: str) -> str:
+    """Hide a password in a backend URL before logging it."""
+    scheme, sep, rest = url.partition("://")
+    if not sep or "@" not in rest.split("/", 1)[0]:
+        return url
+    userinfo, _, hostpart = rest.partition("@")
+    user = userinfo.split(":", 1)[0]
+    return f"{scheme}://{user}:***@{hostpart}"
+
+
+def cmd_worker(args: argparse.Namespace, env: Mapping[str, str]) -> int:
+    """``csvimg worker``: process queued images until SIGTERM/SIGINT."""
+    _setup_logging(args.log_level, env)
+    settings = _backend_settings(args, env)
+    try:
+        anyio.run(_worker, settings, args.shutdown_timeout)
+    except ConfigError as exc:
+        raise UsageError(str(exc)) from None
+    except StorageError as exc:
+        log.error("cannot start: %s", exc)
+        return EXIT_FAILED
+    return EXIT_OK
+
+
+async def _worker(settings: Settings, grace: float) -> None:
+    from csvimg.engine import Engine
+
+    engine = Engine(settings)
+    async with engine:
+        stop = anyio.Event()
+        log.info(
+            "csvimg worker %s: storage %s, queue %s, concurrency %d",
+            engine.consumer, _redact(settings.storage_url),
+            _redact(settings.effective_queue_url), settings.concurrency,
+        )
+        async with anyio.create_task_group() as tg:
+
+            async def deadline() -> None:
+                await anyio.sleep(grace)
+                log.warning("in-flight items did not finish in %g s: abandoning them "
+                            "(their leases hand them to another worker)", grace)
+                tg.cancel_scope.cancel()
+
+            async def watch_signals() -> None:
+                with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+                    async for signum in signals:
+                        if stop.is_set():  # a second signal: stop now
+                            tg.cancel_scope.cancel()
+                            return
+                        log.info("%s: no new items; finishing the ones in flight",
+                                 signal.Signals(signum).name)
+                        stop.set()
+                        tg.start_soon(deadline)
+
+            tg.start_soon(watch_signals)
+            await engine.run_worker(stop=stop)
+            tg.cancel_scope.cancel()
+        log.info("csvimg worker stopped")
+
+
+def cmd_process(args: argparse.Namespace, env: Mapping[str, str]) -> int:
+    """``csvimg process``: one-shot local run of a CSV into a folder."""
+    from csvimg_server._process import run_process
+
+    # Failed images are listed in the summary; their per-item warnings would
+    # only repeat them (and cut through the progress bar), hence "error".
+    logging.basicConfig(level=(args.log_level or "error").upper(), stream=sys.stderr,
+                        format="%(levelname)s %(name)s: %(message)s")
+    source = Path(args.file)
+    if not source.is_file():
+        raise UsageError(f"no such file: {source}")
+    out = Path(args.out).expanduser().absolute()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(f"cannot create {out}: {exc}") from None
+    overrides: dict[str, Any] = {
+        "storage_url": "memory://",
+        "queue_url": "memory://",
+        "blobs_url": f"file://{out / 'images'}",
+    }
+    if args.concurrency is not None:
+        overrides["concurrency"] = max(1, args.concurrency)
+    try:
+        settings = Settings.from_env(env, **overrides)
+        options = settings.options
+        changes: dict[str, Any] = {}
+        if args.quality is not None:
+            changes["quality"] = args.quality
+        if args.format is not None:
+            changes["format"] = "JPEG" if args.format.upper() == "JPG" else args.format
+        if args.max_dimension is not None:
+            changes["max_dimension"] = args.max_dimension or None
+        if changes:
+            import attrs
+
+            options = attrs.evolve(options, **changes)
+    except (ConfigError, ValueError) as exc:
+        raise UsageError(str(exc)) from None
+    return run_process(
+        settings, options, source, out, base_url=args.base_url, stdout=sys.stdout
+    )
+
+
+def cmd_validate(args: argparse.Namespace, env: Mapping[str, str]) -> int:
+    """``csvimg validate``: check a CSV without processing it."""
+    from csvimg.manifest import ManifestLimits, parse_manifest
+    from csvimg_server._process import print_problems
+
+    source = Path(args.file)
+    if not source.is_file():
+        raise UsageError(f"no such file: {source}")
+    try:
+        limits = ManifestLimits.from_env(env)
+    except ConfigError as exc:
+        raise UsageError(str(exc)) from None
+    try:
+        with source.open("rb") as fp:
+            manifest = parse_manifest(fp, limits)
+    except ManifestError as exc:
+        print_problems(exc, sys.stdout)
+        return EXIT_FAILED
+    print(f"OK: {len(manifest.rows)} rows, {manifest.total_urls} images")
+    return EXIT_OK
+
+
+def cmd_status(args: argparse.Namespace, env: Mapping[str, str]) -> int:
+    """``csvimg status``: ask a running server about a request."""
+    import httpx
+
+    server = (args.server or env.get("CSVIMG_SERVER") or DEFAULT_SERVER).rstrip("/")
+    url = f"{server}/api/v1/status/{args.request_id}"
+    try:
+        response = httpx.get(url, timeout=10.0)
+    except httpx.HTTPError as exc:
+        print(f"error: cannot reach {server}: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    try:
+        body = response.json()
+    except ValueError:
+        body = {"error": response.text[:200]}
+    if response.status_code != 200:
+        print(f"error: {response.status_code}: {body.get('error', body)}", file=sys.stderr)
+        return EXIT_FAILED
+    if args.json:
+        print(json.dumps(body, indent=2))
+        return EXIT_OK
+    progress = body.get("progress", {})
+    print(f"request   {body.get('request_id')}")
+    print(f"status    {body.get('status')}")
+    print(f"progress  {progress.get('done', 0)} done, {progress.get('failed', 0)} failed, "
+          f"{progress.get('total', 0)} total")
+    print(f"created   {body.get('created_at')}")
+    print(f"updated   {body.get('updated_at')}")
+    if body.get("output_csv_url"):
+        print(f"output    {body['output_csv_url']}")
+    return EXIT_OK
+
+
+# ------------------------------------------------------------------ parser
+
+_SERVE_EXAMPLES = """\
+examples:
+  csvimg serve
+      SQLite in ./csvimg-data/csvimg.db, images in ./csvimg-data/images/,
+      one in-process worker loop, http://127.0.0.1:8000
+  csvimg serve --host 0.0.0.0 --port 8080 --public-url https://img.example.com
+  csvimg serve --workers 0 --storage redis://127.0.0.1:6379/0
+      API only: 'csvimg worker' processes elsewhere do the images
+  CSVIMG_DATA_DIR=/var/lib/csvimg csvimg serve --workers 2
+
+then:
+  curl -F file=@products.csv http://127.0.0.1:8000/api/v1/upload
+  curl http://127.0.0.1:8000/api/v1/status/<request_id>
+  curl -OJ http://127.0.0.1:8000/api/v1/requests/<request_id>/output.csv
+"""
+
+_WORKER_EXAMPLES = """\
+examples:
+  csvimg worker
+      works on ./csvimg-data (the same default as 'csvimg serve')
+  csvimg worker --storage redis://10.0.0.5:6379/0 --blobs file:///mnt/shared/images
+  CSVIMG_STORAGE=sqlite:////var/lib/csvimg/csvimg.db csvimg worker --concurrency 64
+
+SIGTERM or Ctrl+C: stop claiming images, let the ones in flight finish
+(at most --shutdown-timeout seconds; the rest go back to the queue), exit 0.
+"""
+
+_PROCESS_EXAMPLES = """\
+examples:
+  csvimg process products.csv --out results/
+      writes results/products-output.csv and results/images/...
+  csvimg process products.csv --out site/ --base-url https://cdn.example.com/site
+      the output CSV then holds https://cdn.example.com/site/images/... URLs
+  csvimg process products.csv --out results/ --quality 70 --max-dimension 1600
+
+exit status: 0 when the run finished (even if some images failed; the
+summary lists them), 1 when the CSV is invalid, 2 on usage errors.
+"""
+
+_VALIDATE_EXAMPLES = """\
+examples:
+  csvimg validate products.csv
+      prints 'OK: N rows, M images' (exit 0) or every problem (exit 1)
+"""
+
+_STATUS_EXAMPLES = """\
+examples:
+  csvimg status 6f1c2a7e-0d1b-4c39-9a43-5b1f3f0e2a11
+  csvimg status 6f1c2a7e-0d1b-4c39-9a43-5b1f3f0e2a11 --server http://img.internal:8000 --json
+"""
+
+_MAIN_EXAMPLES = """\
+examples:
+  csvimg serve                             start the server (SQLite + local files)
+  csvimg process products.csv --out out/   compress a CSV's images locally
+  csvimg validate products.csv             check a CSV
+  csvimg <command> --help                  options and examples of a command
+"""
+
+
+def _add_backend_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("backends")
+    group.add_argument("--data-dir", metavar="DIR",
+                       help="folder of the default SQLite database and images "
+                            "(env CSVIMG_DATA_DIR; default ./csvimg-data)")
+    group.add_argument("--storage", metavar="URL",
+                       help="storage URL: sqlite:///path.db, redis://host:6379/0, memory:// "
+                            "(env CSVIMG_STORAGE; default sqlite in the data folder)")
+    group.add_argument("--queue", metavar="URL",
+                       help="queue URL (env CSVIMG_QUEUE; default: the storage URL)")
+    group.add_argument("--blobs", metavar="URL",
+                       help="image store URL: file:///dir (env CSVIMG_BLOBS; "
+                            "default DATA_DIR/images)")
+    parser.add_argument("--concurrency", type=int, metavar="N",
+                        help="images each worker loop keeps in flight (env CSVIMG_CONCURRENCY; "
+                             "default 32); compression uses every core")
+    parser.add_argument("--shutdown-timeout", type=float, default=SHUTDOWN_TIMEOUT,
+                        metavar="SECONDS",
+                        help="on stop, how long in-flight images may take to finish "
+                             f"(default {SHUTDOWN_TIMEOUT:g})")
+    parser.add_argument("--log-level", choices=LOG_LEVELS, type=str.lower,
+                        help="log level (env CSVIMG_LOG_LEVEL; default info)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Build the ``csvimg`` argument parser (one subcommand per command)."""
+    formatter = argparse.RawDescriptionHelpFormatter
+    parser = argparse.ArgumentParser(
+        prog="csvimg",
+        description="Compress the images listed in a CSV: as an HTTP service "
+                    "(serve, worker) or locally (process).",
+        epilog=_MAIN_EXAMPLES,
+        formatter_class=formatter,
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    serve = sub.add_parser(
+        "serve", help="run the HTTP API with in-process workers",
+        description="Run the HTTP API (uvicorn) with in-process worker loops.",
+        epilog=_SERVE_EXAMPLES, formatter_class=formatter,
+    )
+    serve.add_argument("--host", help=f"address to listen on (env CSVIMG_HOST; "
+                                       f"default {DEFAULT_HOST})")
+    serve.add_argument("--port", type=int, help=f"port (env CSVIMG_PORT; default {DEFAULT_PORT})")
+    serve.add_argument("--workers", type=int, metavar="N",
+                       help="in-process worker loops (env CSVIMG_WORKERS; default 1; "
+                            "0 = API only)")
+    serve.add_argument("--public-url", metavar="URL",
+                       help="base of the URLs the API hands out, e.g. https://img.example.com "
+                            "(env CSVIMG_PUBLIC_URL; default: the request's own host)")
+    _add_backend_options(serve)
+    serve.set_defaults(func=cmd_serve)
+
+    worker = sub.add_parser(
+        "worker", help="process queued images (scale-out)",
+        description="Process queued images until SIGTERM or Ctrl+C.",
+        epilog=_WORKER_EXAMPLES, formatter_class=formatter,
+    )
+    _add_backend_options(worker)
+    worker.set_defaults(func=cmd_worker)
+
+    process = sub.add_parser(
+        "process", help="compress a CSV's images into a folder, locally",
+        description="One-shot local run: download and compress every image of FILE.csv "
+                    "into DIR/images/ and write DIR/<name>-output.csv.",
+        epilog=_PROCESS_EXAMPLES, formatter_class=formatter,
+    )
+    process.add_argument("file", metavar="FILE.csv", help="the CSV to process")
+    process.add_argument("--out", required=True, metavar="DIR", help="output folder")
+    process.add_argument("--base-url", metavar="URL",
+                         help="URL where DIR will be published: makes the output CSV's image "
+                              "URLs absolute (default: relative paths images/...)")
+    process.add_argument("--quality", type=int, metavar="Q", help="output quality 1-100 "
+                                                                   "(default 50)")
+    process.add_argument("--format", metavar="FMT", help="output format (default JPEG)")
+    process.add_argument("--max-dimension", type=int, metavar="PX",
+                         help="cap on the longer side in pixels")
+    process.add_argument("--concurrency", type=int, metavar="N",
+                         help="images in flight (default 32)")
+    process.add_argument("--log-level", choices=LOG_LEVELS, type=str.lower,
+                         help="log level (default error)")
+    process.set_defaults(func=cmd_process)
+
+    validate = sub.add_parser(
+        "validate", help="check a CSV without processing it",
+        description="Validate FILE.csv: list every problem (row, column, code, message).",
+        epilog=_VALIDATE_EXAMPLES, formatter_class=formatter,
+    )
+    validate.add_argument("file", metavar="FILE.csv", help="the CSV to check")
+    validate.set_defaults(func=cmd_validate)
+
+    status = sub.add_parser(
+        "status", help="show a request's status from a running server",
+        description="Print the status of a request from a running csvimg server.",
+        epilog=_STATUS_EXAMPLES, formatter_class=formatter,
+    )
+    status.add_argument("request_id", metavar="ID", help="the request id")
+    status.add_argument("--server", metavar="URL",
+                        help=f"server base URL (env CSVIMG_SERVER; default {DEFAULT_SERVER})")
+    status.add_argument("--json", action="store_true", help="print the raw JSON answer")
+    status.set_defaults(func=cmd_status)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None, *, environ: Mapping[str, str] | None = None) -> int:
+    """Run the ``csvimg`` command; return its exit status."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help (0) and usage errors (2)
+        return int(exc.code) if isinstance(exc.code, int) else EXIT_USAGE
+    env = os.environ if environ is None else environ
+    func: Callable[[argparse.Namespace, Mapping[str, str]], int] = args.func
+    try:
+        return func(args, env)
+    except UsageError as exc:
+        _print_error(parser.prog, args.command, str(exc), sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return 130
+
+
+def _print_error(prog: str, command: str, message: str, stream: TextIO) -> None:
+    print(f"{prog} {command}: error: {message}", file=stream)

@@ -1,0 +1,570 @@
+"""The OpenAPI 3.1 description of the csvimg HTTP API.
+
+Written by hand as plain data, so that the contract is read and reviewed
+as a document rather than derived from code; a test checks that every
+route of the app is described here and validates real responses against
+these schemas.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any, Final
+
+__all__ = ["OPENAPI", "openapi_document"]
+
+
+def _ref(name: str) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
+    return {"description": description, "content": {"application/json": {"schema": schema}}}
+
+
+def _error(description: str) -> dict[str, Any]:
+    return _json(_ref("Error"), description)
+
+
+_NULLABLE_INT: Final = {"type": ["integer", "null"]}
+_NULLABLE_STR: Final = {"type": ["string", "null"]}
+
+_REQUEST_ID: Final = {
+    "name": "request_id",
+    "in": "path",
+    "required": True,
+    "description": "The id `POST /api/v1/upload` returned (a UUID). "
+    "A malformed or unknown id is a 404.",
+    "schema": {"type": "string", "format": "uuid"},
+}
+
+_SCHEMAS: Final[dict[str, Any]] = {
+    "Error": {
+        "type": "object",
+        "description": "Every error answer: a message for people, sometimes more detail.",
+        "required": ["error"],
+        "properties": {
+            "error": {"type": "string"},
+            "status": {"type": "string", "description": "The request status (409 only)."},
+        },
+    },
+    "Problem": {
+        "type": "object",
+        "description": "One thing wrong with an uploaded CSV.",
+        "required": ["row", "column", "code", "message"],
+        "additionalProperties": False,
+        "properties": {
+            "row": {
+                "type": ["integer", "null"],
+                "description": "Row number as a spreadsheet shows it (header = 1); "
+                "null for a problem of the whole file.",
+            },
+            "column": {
+                "type": ["string", "null"],
+                "description": "The column's header text, or null.",
+            },
+            "code": {
+                "type": "string",
+                "description": "Stable machine-readable code, e.g. `missing-column`, "
+                "`bad-url`, `duplicate-serial`, `too-large`.",
+            },
+            "message": {"type": "string"},
+        },
+    },
+    "ValidationError": {
+        "type": "object",
+        "description": "The CSV was rejected; `errors` lists every problem found.",
+        "required": ["error", "errors"],
+        "properties": {
+            "error": {"type": "string"},
+            "errors": {"type": "array", "items": _ref("Problem")},
+        },
+    },
+    "UploadAccepted": {
+        "type": "object",
+        "required": ["request_id"],
+        "properties": {
+            "request_id": {"type": "string", "format": "uuid"},
+            "status_url": {"type": "string", "format": "uri"},
+            "callback_secret": {
+                "type": "string",
+                "pattern": "^whsec_",
+                "description": "Only with a `callback_url`: the Standard Webhooks secret "
+                "that signs this request's events to it. Shown only here.",
+            },
+        },
+    },
+    "Progress": {
+        "type": "object",
+        "required": ["total", "done", "failed"],
+        "additionalProperties": False,
+        "properties": {
+            "total": {"type": "integer", "minimum": 0},
+            "done": {"type": "integer", "minimum": 0},
+            "failed": {"type": "integer", "minimum": 0},
+        },
+    },
+    "Status": {
+        "type": "object",
+        "required": [
+            "request_id", "status", "progress", "created_at", "updated_at", "output_csv_url",
+        ],
+        "additionalProperties": False,
+        "properties": {
+            "request_id": {"type": "string", "format": "uuid"},
+            "status": {
+                "type": "string",
+                "enum": ["PENDING", "PROCESSING", "COMPLETED", "FAILED"],
+                "description": "COMPLETED: every image was tried (some may have failed, see "
+                "progress and the items); FAILED: every image failed.",
+            },
+            "progress": _ref("Progress"),
+            "created_at": {"type": "string", "format": "date-time"},
+            "updated_at": {"type": "string", "format": "date-time"},
+            "output_csv_url": {
+                "type": ["string", "null"],
+                "format": "uri",
+                "description": "Absolute URL of the output CSV; null until the request finished.",
+            },
+        },
+    },
+    "Item": {
+        "type": "object",
+        "description": "One image URL of one row and what became of it.",
+        "required": [
+            "row", "position", "input_url", "output_url", "status", "bytes_in", "bytes_out",
+            "width", "height", "attempts", "error_code", "error_message",
+        ],
+        "additionalProperties": False,
+        "properties": {
+            "row": {
+                "type": "integer",
+                "minimum": 0,
+                "description": "0-based index of the product row among the data rows.",
+            },
+            "position": {
+                "type": "integer",
+                "minimum": 0,
+                "description": "0-based position of the URL inside its cell.",
+            },
+            "input_url": {"type": "string"},
+            "output_url": {
+                "type": ["string", "null"],
+                "description": "Absolute URL of the compressed image; null unless DONE.",
+            },
+            "status": {"type": "string", "enum": ["PENDING", "PROCESSING", "DONE", "FAILED"]},
+            "bytes_in": _NULLABLE_INT,
+            "bytes_out": _NULLABLE_INT,
+            "width": _NULLABLE_INT,
+            "height": _NULLABLE_INT,
+            "attempts": {"type": "integer", "minimum": 0},
+            "error_code": {
+                "type": ["string", "null"],
+                "description": "Stable code, e.g. `http-404`, `timeout`, `blocked-address`, "
+                "`not-an-image`, `too-large`.",
+            },
+            "error_message": _NULLABLE_STR,
+        },
+    },
+    "ItemPage": {
+        "type": "object",
+        "required": ["request_id", "offset", "limit", "total", "items", "next"],
+        "additionalProperties": False,
+        "properties": {
+            "request_id": {"type": "string", "format": "uuid"},
+            "offset": {"type": "integer", "minimum": 0},
+            "limit": {"type": "integer", "minimum": 1, "maximum": 1000},
+            "total": {"type": "integer", "minimum": 0},
+            "items": {"type": "array", "items": _ref("Item")},
+            "next": {
+                "type": ["string", "null"],
+                "format": "uri",
+                "description": "URL of the next page; null on the last one.",
+            },
+        },
+    },
+    "Delivery": {
+        "type": "object",
+        "description": "One attempt to deliver a webhook event to one receiver.",
+        "required": ["event_id", "url", "attempt", "at", "status_code", "error"],
+        "additionalProperties": False,
+        "properties": {
+            "event_id": {"type": "string", "description": "The `webhook-id` header sent."},
+            "url": {"type": "string"},
+            "attempt": {"type": "integer", "minimum": 1},
+            "at": {"type": "string", "format": "date-time"},
+            "status_code": _NULLABLE_INT,
+            "error": _NULLABLE_STR,
+        },
+    },
+    "Deliveries": {
+        "type": "object",
+        "required": ["request_id", "deliveries"],
+        "additionalProperties": False,
+        "properties": {
+            "request_id": {"type": "string", "format": "uuid"},
+            "deliveries": {"type": "array", "items": _ref("Delivery")},
+        },
+    },
+    "WebhookRequest": {
+        "type": "object",
+        "required": ["callback_url"],
+        "properties": {"callback_url": {"type": "string", "format": "uri"}},
+    },
+    "WebhookRegistered": {
+        "type": "object",
+        "required": ["message", "id", "secret"],
+        "properties": {
+            "message": {"type": "string", "enum": ["Webhook registered successfully."]},
+            "id": {"type": "string"},
+            "secret": {
+                "type": "string",
+                "pattern": "^whsec_",
+                "description": "The Standard Webhooks signing secret; shown only here, once.",
+            },
+            "callback_url": {"type": "string", "format": "uri"},
+        },
+    },
+    "Webhook": {
+        "type": "object",
+        "required": ["id", "callback_url", "active", "created_at"],
+        "additionalProperties": False,
+        "properties": {
+            "id": {"type": "string"},
+            "callback_url": {"type": "string"},
+            "active": {
+                "type": "boolean",
+                "description": "False once a receiver answered 410 Gone.",
+            },
+            "created_at": {"type": "string", "format": "date-time"},
+        },
+    },
+    "Webhooks": {
+        "type": "object",
+        "required": ["webhooks"],
+        "additionalProperties": False,
+        "properties": {"webhooks": {"type": "array", "items": _ref("Webhook")}},
+    },
+    "WebhookDeleted": {
+        "type": "object",
+        "required": ["message", "id"],
+        "additionalProperties": False,
+        "properties": {"message": {"type": "string"}, "id": {"type": "string"}},
+    },
+    "Health": {
+        "type": "object",
+        "required": ["status"],
+        "properties": {"status": {"type": "string", "enum": ["ok"]}},
+    },
+    "Readiness": {
+        "type": "object",
+        "required": ["status", "checks"],
+        "additionalProperties": False,
+        "properties": {
+            "status": {"type": "string", "enum": ["ok", "unavailable"]},
+            "checks": {
+                "type": "object",
+                "description": '`"ok"` or `"error: ..."` for `storage` and `queue`.',
+                "additionalProperties": {"type": "string"},
+            },
+        },
+    },
+}
+
+_NOT_FOUND: Final = _error("Unknown or malformed request id.")
+_INTERNAL: Final = _error('Unexpected failure (`{"error": "internal error"}`) or a database '
+                          'error (`{"error": "database error: ..."}`).')
+_NOT_ALLOWED: Final = _error("Method not allowed for this path (an `Allow` header lists the "
+                             "methods that are).")
+
+_PATHS: Final[dict[str, Any]] = {
+    "/api/v1/upload": {
+        "post": {
+            "operationId": "upload",
+            "summary": "Upload a CSV of products and image URLs",
+            "description": "Validates the CSV (columns `S. No.`, `Product Name`, "
+            "`Input Image Urls`; several URLs in one quoted cell, comma-separated), stores "
+            "it and queues every image. The body is streamed: one over the configured limit "
+            "(`CSVIMG_MAX_UPLOAD_BYTES`) is refused with 413 as soon as that is known.",
+            "requestBody": {
+                "required": True,
+                "content": {
+                    "multipart/form-data": {
+                        "schema": {
+                            "type": "object",
+                            "required": ["file"],
+                            "properties": {
+                                "file": {
+                                    "type": "string",
+                                    "contentMediaType": "text/csv",
+                                    "description": "The CSV file (UTF-8).",
+                                },
+                                "callback_url": {
+                                    "type": "string",
+                                    "format": "uri",
+                                    "description": "http(s) URL that also receives this "
+                                    "request's webhook events; must pass the SSRF guard.",
+                                },
+                                "quality": {
+                                    "type": "integer",
+                                    "minimum": 1,
+                                    "maximum": 100,
+                                    "description": "Output quality (default 50).",
+                                },
+                                "format": {
+                                    "type": "string",
+                                    "description": "Output format: JPEG (default), or "
+                                    "WEBP/AVIF when this installation can write them.",
+                                },
+                                "max_dimension": {
+                                    "type": "integer",
+                                    "minimum": 1,
+                                    "description": "Cap on the longer side, in pixels.",
+                                },
+                            },
+                        }
+                    }
+                },
+            },
+            "responses": {
+                "200": _json(_ref("UploadAccepted"), "Accepted: the request id."),
+                "400": {
+                    "description": "Invalid CSV (with the list of problems), missing `file` "
+                    "field, a body that is not multipart/form-data, a refused `callback_url` "
+                    "or a bad option.",
+                    "content": {
+                        "application/json": {
+                            "schema": {"anyOf": [_ref("ValidationError"), _ref("Error")]}
+                        }
+                    },
+                },
+                "405": _NOT_ALLOWED,
+                "413": _error("The body is larger than the configured limit."),
+                "500": _INTERNAL,
+            },
+        }
+    },
+    "/api/v1/status/{request_id}": {
+        "get": {
+            "operationId": "status",
+            "summary": "Progress of a request",
+            "parameters": [_REQUEST_ID],
+            "responses": {
+                "200": _json(_ref("Status"), "The request's status and counters."),
+                "404": _NOT_FOUND,
+                "405": _NOT_ALLOWED,
+                "500": _INTERNAL,
+            },
+        }
+    },
+    "/api/v1/requests/{request_id}/items": {
+        "get": {
+            "operationId": "items",
+            "summary": "Per-image results of a request, in CSV order",
+            "parameters": [
+                _REQUEST_ID,
+                {
+                    "name": "offset",
+                    "in": "query",
+                    "required": False,
+                    "schema": {"type": "integer", "minimum": 0, "default": 0},
+                },
+                {
+                    "name": "limit",
+                    "in": "query",
+                    "required": False,
+                    "schema": {"type": "integer", "minimum": 1, "maximum": 1000, "default": 100},
+                },
+            ],
+            "responses": {
+                "200": _json(_ref("ItemPage"), "One page of items."),
+                "400": _error("offset or limit is not a whole number in range."),
+                "404": _NOT_FOUND,
+                "405": _NOT_ALLOWED,
+                "500": _INTERNAL,
+            },
+        }
+    },
+    "/api/v1/requests/{request_id}/output.csv": {
+        "get": {
+            "operationId": "output_csv",
+            "summary": "The output CSV of a finished request",
+            "description": "The input rows, unchanged and in order, plus an "
+            "`Output Image Urls` column holding one absolute URL per input URL (an empty "
+            "entry for an image that failed). Cells that a spreadsheet would run as a "
+            "formula are prefixed with `'`.",
+            "parameters": [_REQUEST_ID],
+            "responses": {
+                "200": {
+                    "description": "The CSV, as an attachment named `<upload-stem>-output.csv`.",
+                    "headers": {
+                        "Content-Disposition": {"schema": {"type": "string"}},
+                    },
+                    "content": {"text/csv": {"schema": {"type": "string"}}},
+                },
+                "404": _NOT_FOUND,
+                "405": _NOT_ALLOWED,
+                "409": _error("The request is still running (`status` says where it is)."),
+                "500": _INTERNAL,
+            },
+        }
+    },
+    "/api/v1/requests/{request_id}/deliveries": {
+        "get": {
+            "operationId": "deliveries",
+            "summary": "Webhook delivery attempts for a request, oldest first",
+            "parameters": [_REQUEST_ID],
+            "responses": {
+                "200": _json(_ref("Deliveries"), "Every attempt made so far."),
+                "404": _NOT_FOUND,
+                "405": _NOT_ALLOWED,
+                "500": _INTERNAL,
+            },
+        }
+    },
+    "/api/v1/images/{key}": {
+        "get": {
+            "operationId": "image",
+            "summary": "An output image",
+            "description": "The URLs in the output CSV and the items point here. Images "
+            "never change, so they are cacheable for a year; `If-None-Match` is honoured.",
+            "parameters": [
+                {
+                    "name": "key",
+                    "in": "path",
+                    "required": True,
+                    "description": "`<request_id>/<n>.<ext>` (may contain `/`).",
+                    "schema": {"type": "string"},
+                },
+                {
+                    "name": "If-None-Match",
+                    "in": "header",
+                    "required": False,
+                    "schema": {"type": "string"},
+                },
+            ],
+            "responses": {
+                "200": {
+                    "description": "The image bytes.",
+                    "headers": {
+                        "ETag": {"schema": {"type": "string"}},
+                        "Cache-Control": {"schema": {"type": "string"}},
+                    },
+                    "content": {
+                        "image/jpeg": {"schema": {"type": "string", "format": "binary"}},
+                        "image/webp": {"schema": {"type": "string", "format": "binary"}},
+                        "image/avif": {"schema": {"type": "string", "format": "binary"}},
+                    },
+                },
+                "304": {"description": "Not modified (the ETag matched)."},
+                "404": _error("No such image."),
+                "405": _NOT_ALLOWED,
+                "500": _INTERNAL,
+            },
+        }
+    },
+    "/api/v1/webhook": {
+        "post": {
+            "operationId": "add_webhook",
+            "summary": "Register a webhook receiver",
+            "description": "The receiver gets `request.completed` and `request.failed` events "
+            "signed per the Standard Webhooks specification (headers `webhook-id`, "
+            "`webhook-timestamp`, `webhook-signature`) with the returned secret.",
+            "requestBody": {
+                "required": True,
+                "content": {"application/json": {"schema": _ref("WebhookRequest")}},
+            },
+            "responses": {
+                "200": _json(_ref("WebhookRegistered"), "Registered; keep the secret."),
+                "400": _error("Bad JSON, a missing or non-http(s) URL, or an address the "
+                              "SSRF guard refuses."),
+                "405": _NOT_ALLOWED,
+                "413": _error("The JSON body is too large."),
+                "500": _INTERNAL,
+            },
+        },
+        "get": {
+            "operationId": "list_webhooks",
+            "summary": "List webhook registrations (without their secrets)",
+            "responses": {
+                "200": _json(_ref("Webhooks"), "Every registration."),
+                "405": _NOT_ALLOWED,
+                "500": _INTERNAL,
+            },
+        },
+    },
+    "/api/v1/webhook/{webhook_id}": {
+        "delete": {
+            "operationId": "delete_webhook",
+            "summary": "Delete a webhook registration",
+            "parameters": [
+                {
+                    "name": "webhook_id",
+                    "in": "path",
+                    "required": True,
+                    "schema": {"type": "string"},
+                }
+            ],
+            "responses": {
+                "200": _json(_ref("WebhookDeleted"), "Deleted."),
+                "404": _error("No such registration."),
+                "405": _NOT_ALLOWED,
+                "500": _INTERNAL,
+            },
+        }
+    },
+    "/healthz": {
+        "get": {
+            "operationId": "healthz",
+            "summary": "Liveness: the process answers",
+            "responses": {"200": _json(_ref("Health"), "Alive.")},
+        }
+    },
+    "/readyz": {
+        "get": {
+            "operationId": "readyz",
+            "summary": "Readiness: storage and queue answer",
+            "responses": {
+                "200": _json(_ref("Readiness"), "Ready."),
+                "503": _json(_ref("Readiness"), "Storage or queue unreachable."),
+            },
+        }
+    },
+    "/openapi.json": {
+        "get": {
+            "operationId": "openapi",
+            "summary": "This document",
+            "responses": {
+                "200": {
+                    "description": "The OpenAPI document.",
+                    "content": {"application/json": {"schema": {"type": "object"}}},
+                }
+            },
+        }
+    },
+}
+
+OPENAPI: Final[dict[str, Any]] = {
+    "openapi": "3.1.0",
+    "info": {
+        "title": "csvimg",
+        "version": "1",
+        "summary": "Bulk image compression driven by a CSV.",
+        "description": "Upload a CSV of products whose cells list image URLs; every image "
+        "is downloaded and compressed in the background; poll the status (or receive a "
+        "signed webhook) and download an output CSV with the compressed images' URLs. "
+        "Every error is JSON: `{\"error\": \"...\"}`; an unknown path is a 404 and a wrong "
+        "method a 405, both in that shape.",
+    },
+    "paths": _PATHS,
+    "components": {"schemas": _SCHEMAS},
+}
+"""The document, without ``servers`` (see `openapi_document`)."""
+
+
+def openapi_document(server_url: str | None = None) -> dict[str, Any]:
+    """Return a fresh copy of the document, with *server_url* as its server."""
+    document = copy.deepcopy(OPENAPI)
+    if server_url:
+        document["servers"] = [{"url": server_url}]
+    return document
