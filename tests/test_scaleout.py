@@ -17,6 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 import redis
+
 from images import photo_jpeg
 from server_helpers import ServeProcess, all_items, make_csv, wait_finished, wait_until
 from servers import ImageHost
