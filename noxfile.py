@@ -11,7 +11,7 @@ nox.options.reuse_existing_virtualenvs = True
 @nox.session(python="3.11")
 def tests(session: nox.Session) -> None:
     """Run the test suite (CSVIMG_REQUIRE_SERVICES=1 makes service skips fail)."""
-    session.install("-e", ".[dev]")
+    session.install("-e", ".[dev]", "-e", "examples/csvimg-postgres")
     session.run("pytest", *session.posargs)
 
 
@@ -19,7 +19,7 @@ def tests(session: nox.Session) -> None:
 def lint(session: nox.Session) -> None:
     """Ruff: lint."""
     session.install("ruff")
-    session.run("ruff", "check", "src", "tests", "bench", "noxfile.py")
+    session.run("ruff", "check", "src", "tests", "bench", "noxfile.py", "docs", "examples")
 
 
 @nox.session(python="3.11")

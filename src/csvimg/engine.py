@@ -28,6 +28,7 @@ import io
 import logging
 import os
 import socket
+import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterable
 from types import TracebackType
@@ -113,6 +114,8 @@ class Engine:
         self._codec_limiter = anyio.CapacityLimiter(max(1, s.codec_threads))
         self._opened = False
         self._on_item: list[Callable[[Item, ItemResult], Any]] = []
+        self._on_timing: list[Callable[[str, float], Any]] = []
+        self._on_request_finished: list[Callable[[Request], Any]] = []
 
     # -- life cycle -------------------------------------------------------
 
@@ -177,6 +180,22 @@ class Engine:
         """Call *callback(item, result)* in the worker after each item finishes."""
         self._on_item.append(callback)
 
+    def on_timing(self, callback: Callable[[str, float], Any]) -> None:
+        """Call *callback(stage, seconds)* after each ``"fetch"`` and ``"codec"`` step.
+
+        Failed steps are timed too (a timeout shows up as a slow fetch).
+        """
+        self._on_timing.append(callback)
+
+    def on_request_finished(self, callback: Callable[[Request], Any]) -> None:
+        """Call *callback(request)* when this engine's worker finishes a request."""
+        self._on_request_finished.append(callback)
+
+    def _timed(self, stage: str, started: float) -> None:
+        seconds = time.perf_counter() - started
+        for callback in self._on_timing:
+            callback(stage, seconds)
+
     # -- submitting -------------------------------------------------------
 
     async def parse(self, source: CsvSource) -> Manifest:
@@ -234,8 +253,10 @@ class Engine:
             # The request is stored for good: answering with an error would
             # make the client upload it twice. The sweeper enqueues items left
             # PENDING (see `sweep`), so nothing is lost, only delayed.
-            log.error("request %s stored but not enqueued (the sweeper will): %s", rid, exc)
-        log.info("request %s accepted: %d rows, %d images", rid, len(manifest.rows), len(items))
+            log.error("request %s stored but not enqueued (the sweeper will): %s", rid, exc,
+                      extra={"request_id": rid})
+        log.info("request %s accepted: %d rows, %d images", rid, len(manifest.rows), len(items),
+                 extra={"request_id": rid})
         return request
 
     # -- reading ----------------------------------------------------------
@@ -333,8 +354,16 @@ class Engine:
         )
 
     async def _produce(self, item: Item, request: Request) -> ItemResult:
-        fetched = await self.fetcher.fetch(item.url, first_chunk_check=sniff)
-        out = await self.compress(fetched.data, request.options)
+        started = time.perf_counter()
+        try:
+            fetched = await self.fetcher.fetch(item.url, first_chunk_check=sniff)
+        finally:
+            self._timed("fetch", started)
+        started = time.perf_counter()
+        try:
+            out = await self.compress(fetched.data, request.options)
+        finally:
+            self._timed("codec", started)
         seq = item.id.rsplit(".", 1)[-1]
         key = f"{request.id}/{seq}.{out.extension}"
         try:
@@ -374,13 +403,14 @@ class Engine:
         else:
             result = await self._run_with_lease(item, request)
         finished = await self.storage.finish_item(item.id, result)
+        ids = {"request_id": request.id, "item_id": item.id, "error_code": result.error_code}
         if result.ok:
-            log.debug("item %s of request %s done", item.id, request.id)
+            log.debug("item %s of request %s done", item.id, request.id, extra=ids)
         else:
             log.warning(
                 "item %s of request %s failed: %s: %s (url %s)",
                 item.id, request.id, result.error_code, result.error_message,
-                _loggable(item.url),
+                _loggable(item.url), extra=ids,
             )
         for callback in self._on_item:
             callback(item, result)
@@ -388,7 +418,10 @@ class Engine:
             log.info(
                 "request %s %s: %d done, %d failed",
                 finished.id, finished.status.value, finished.done, finished.failed,
+                extra={"request_id": finished.id},
             )
+            for on_finished in self._on_request_finished:
+                on_finished(finished)
         return True
 
     async def _run_with_lease(self, item: Item, request: Request) -> ItemResult:
@@ -409,7 +442,9 @@ class Engine:
             except StorageError:
                 raise
             except Exception as exc:
-                log.exception("item %s of request %s: unexpected error", item.id, request.id)
+                log.exception("item %s of request %s: unexpected error", item.id, request.id,
+                              extra={"request_id": request.id, "item_id": item.id,
+                                     "error_code": "internal-error"})
                 result = ItemResult.failure("internal-error", f"{type(exc).__name__}: {exc}")
             finally:
                 tg.cancel_scope.cancel()
@@ -435,8 +470,12 @@ class Engine:
                 await self.queue.ack(claim)
             else:  # pragma: no cover - process_item returns True or raises
                 await self.queue.release(claim, delay=1.0)
-        except StorageError as exc:
-            log.error("item %s: storage failed, will retry: %s", claim.item_id, exc)
+        except* StorageError as group:
+            # Task groups wrap what they raise (anyio 4), so a storage failure
+            # arrives in an ExceptionGroup: unwrapped here, the worker lives on.
+            exc = _first_leaf(group)
+            log.error("item %s: storage failed, will retry: %s", claim.item_id, exc,
+                      extra={"item_id": claim.item_id, "error_code": "storage-error"})
             with anyio.CancelScope(shield=True):
                 # If even this fails, the lease runs out and the item comes back.
                 with contextlib.suppress(CsvimgError):
@@ -540,17 +579,24 @@ class Engine:
             except StorageError as exc:
                 log.error("outbox unavailable: %s", exc)
                 events = []
-            for event in events:
-                request = await self.storage.get_request(event.request_id)
-                if request is None:  # pragma: no cover - storage keeps them together
-                    await self.storage.reschedule_event(event.id, next_attempt_at=None)
-                    continue
-                try:
-                    next_at = await notifier.deliver(event, request)
-                except Exception:
-                    log.exception("event %s: notifier failed", event.id)
-                    next_at = now() + s.webhook_schedule[0] if s.webhook_schedule else None
-                await self.storage.reschedule_event(event.id, next_attempt_at=next_at)
+            try:
+                for event in events:
+                    request = await self.storage.get_request(event.request_id)
+                    if request is None:  # pragma: no cover - storage keeps them together
+                        await self.storage.reschedule_event(event.id, next_attempt_at=None)
+                        continue
+                    try:
+                        next_at = await notifier.deliver(event, request)
+                    except Exception:
+                        log.exception("event %s: notifier failed", event.id,
+                                      extra={"event_id": event.id,
+                                             "request_id": event.request_id})
+                        next_at = now() + s.webhook_schedule[0] if s.webhook_schedule else None
+                    await self.storage.reschedule_event(event.id, next_attempt_at=next_at)
+            except StorageError as exc:
+                # The claimed events come back when their lease ends.
+                log.error("outbox: storage failed, retrying: %s", exc)
+                events = []
             if not events:
                 await anyio.sleep(s.outbox_interval)
 
@@ -584,6 +630,14 @@ class Engine:
             except (CsvimgError, TimeoutError, OSError) as exc:
                 out[name] = f"error: {exc}"
         return out
+
+
+def _first_leaf(group: BaseExceptionGroup[Any]) -> BaseException:
+    """The first exception inside *group*, however deeply nested."""
+    first: BaseException = group
+    while isinstance(first, BaseExceptionGroup):
+        first = first.exceptions[0]
+    return first
 
 
 def _loggable(url: str) -> str:

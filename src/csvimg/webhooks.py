@@ -32,6 +32,7 @@ import json
 import logging
 import random
 import secrets
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
@@ -135,6 +136,11 @@ class WebhookNotifier:
         self.settings = settings
         self._engine: Engine | None = None
         self._fetcher: Fetcher | None = None
+        self._on_delivery: list[Callable[[Delivery], Any]] = []
+
+    def on_delivery(self, callback: Callable[[Delivery], Any]) -> None:
+        """Call *callback(delivery)* after each attempt is recorded (e.g. for metrics)."""
+        self._on_delivery.append(callback)
 
     @classmethod
     def from_url(cls, url: str, settings: Settings) -> WebhookNotifier:
@@ -194,13 +200,17 @@ class WebhookNotifier:
             attempt = tries.get(key, 0) + 1
             delivery, wait = await self._send(event, target, body, attempt)
             await storage.add_delivery(request.id, delivery)
+            for callback in self._on_delivery:
+                callback(delivery)
             if delivery.status_code == 410 and target.webhook_id is not None:
                 await storage.set_webhook_active(target.webhook_id, False)
-                log.warning("webhook %s answered 410 Gone: disabled", target.webhook_id)
+                log.warning("webhook %s answered 410 Gone: disabled", target.webhook_id,
+                            extra={"event_id": event.id, "request_id": request.id})
             if not _is_final(delivery):
                 if attempt > len(self.settings.webhook_schedule):
                     log.warning("event %s: giving up on a receiver after %d attempts",
-                                event.id, attempt)
+                                event.id, attempt,
+                                extra={"event_id": event.id, "request_id": request.id})
                     continue
                 pending = True
                 retry_after = max(retry_after, wait or 0.0)
@@ -238,7 +248,8 @@ class WebhookNotifier:
             if not 200 <= status < 300:
                 error = f"http-{status}"
                 wait = _retry_after(response.headers.get("retry-after"))
-        log.info("event %s attempt %d: %s", event.id, attempt, status if error is None else error)
+        log.info("event %s attempt %d: %s", event.id, attempt, status if error is None else error,
+                 extra={"event_id": event.id, "request_id": event.request_id})
         delivery = Delivery(
             event_id=event.id, url=target.url, attempt=attempt, at=now(),
             status_code=status, error=error, webhook_id=target.webhook_id,

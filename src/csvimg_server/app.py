@@ -19,7 +19,16 @@ Routes (see `csvimg_server.openapi` for the full contract)::
     DELETE /api/v1/webhook/{webhook_id}               delete a registration
     GET    /healthz                                   liveness
     GET    /readyz                                    storage and queue reachable
+    GET    /metrics                                   Prometheus metrics
     GET    /openapi.json                              the OpenAPI document
+
+With API keys (``CSVIMG_API_KEYS``, see `csvimg_server.auth`) every route
+but the health checks, ``/metrics``, ``/openapi.json`` and the upload page
+(``/``, ``/static/``) needs ``Authorization: Bearer <key>``, and a request
+with everything about it (status, items, output CSV, deliveries, images)
+and webhook registrations are visible only to the key's owner: another
+owner gets the same 404 as for an unknown id. Without keys there is one
+user and no access control.
 """
 
 from __future__ import annotations
@@ -33,7 +42,7 @@ import secrets
 from collections.abc import AsyncIterator, Mapping
 from datetime import UTC, datetime
 from pathlib import PurePosixPath
-from typing import Any, Final
+from typing import Any, Final, Literal
 from urllib.parse import urlsplit, urlunsplit
 
 import anyio
@@ -43,7 +52,7 @@ from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
-from starlette.routing import Route
+from starlette.routing import Match, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from csvimg._errors import (
@@ -68,7 +77,11 @@ from csvimg_server._upload import (
     check_declared_length,
     read_upload,
 )
+from csvimg_server.auth import FROM_ENV, ApiKeyAuth, ApiKeys, FromEnv, owner_of
+from csvimg_server.logs import register_secrets
+from csvimg_server.metrics import CONTENT_TYPE, HttpMetrics, Metrics
 from csvimg_server.openapi import openapi_document
+from csvimg_server.ui import ui_routes
 
 __all__ = ["Lifespan", "create_app", "iso_time"]
 
@@ -85,6 +98,8 @@ _WEBHOOK_ID: Final = re.compile(r"wh_[0-9a-f]{1,64}\Z")
 _SAFE_STEM: Final = re.compile(r"[^A-Za-z0-9._-]+")
 _JSON_BODY_LIMIT: Final = 64 * 1024
 _IMAGE_CACHE: Final = "public, max-age=31536000, immutable"
+# With keys, shared caches must not hand one owner's image to another.
+_PRIVATE_IMAGE_CACHE: Final = "private, max-age=31536000, immutable"
 
 
 def iso_time(ts: float) -> str:
@@ -262,6 +277,8 @@ class _Api:
     """The route handlers, bound to one engine."""
 
     engine: Engine
+    keys: ApiKeys | None = None
+    metrics: Metrics = attrs.field(factory=Metrics)
 
     @property
     def settings(self) -> Settings:
@@ -305,12 +322,20 @@ class _Api:
             "error_message": item.error_message,
         }
 
-    async def job(self, raw_id: str) -> Job:
+    def visible(self, job: Job, request: Request) -> bool:
+        """Whether the caller may see *job*: always without keys, else only its owner."""
+        return self.keys is None or job.owner == owner_of(request)
+
+    async def job(self, raw_id: str, request: Request) -> Job:
+        """The request *raw_id* if the caller may see it; the same 404 otherwise."""
         request_id = _request_id(raw_id)
         try:
-            return await self.engine.get_request(request_id)
+            job = await self.engine.get_request(request_id)
         except NotFoundError:
-            raise _ApiError(404, f"no request {request_id!r}") from None
+            job = None
+        if job is None or not self.visible(job, request):
+            raise _ApiError(404, f"no request {request_id!r}")
+        return job
 
     # -- upload -----------------------------------------------------------
 
@@ -380,16 +405,18 @@ class _Api:
                     upload.file,
                     callback_url=callback,
                     options=options,
-                    owner=None,
+                    owner=owner_of(request),
                     filename=upload.filename,
                 )
             except ManifestError as exc:
-                log.info("upload refused: %d problem(s) in %r", len(exc.errors), upload.filename)
+                log.info("upload refused: %d problem(s) in %r", len(exc.errors), upload.filename,
+                         extra={"owner": owner_of(request)})
                 return _error(400, str(exc), errors=[p.to_dict() for p in exc.errors])
         except TooLarge as exc:
             response = _error(413, str(exc))
-            if exc.close:
-                # uvicorn would otherwise read and drop the whole declared body.
+            if exc.close or "content-length" not in request.headers:
+                # uvicorn would otherwise read and drop the whole body: the
+                # declared one when that is huge, a chunked one with no end.
                 response.headers["Connection"] = "close"
             return response
         except BadUpload as exc:
@@ -400,9 +427,11 @@ class _Api:
             if upload is not None:
                 upload.close()
         base = self.base_url(request)
+        self.metrics.requests_submitted.inc()
         log.info(
             "upload accepted: request %s, %d images, file %r",
             job.id, job.total, upload.filename,
+            extra={"request_id": job.id, "owner": job.owner},
         )
         body: dict[str, Any] = {
             "request_id": job.id,
@@ -418,14 +447,14 @@ class _Api:
 
     async def status(self, request: Request) -> Response:
         """``GET /api/v1/status/{request_id}``."""
-        job = await self.job(request.path_params["request_id"])
+        job = await self.job(request.path_params["request_id"], request)
         return JSONResponse(self.status_json(job, self.base_url(request)))
 
     async def items(self, request: Request) -> Response:
         """``GET /api/v1/requests/{request_id}/items``: per-image results, paginated."""
         offset = _int_param(request, "offset", 0, 0, 2**62)
         limit = _int_param(request, "limit", DEFAULT_PAGE, 1, MAX_PAGE)
-        job = await self.job(request.path_params["request_id"])
+        job = await self.job(request.path_params["request_id"], request)
         items = await self.engine.storage.list_items(job.id, offset=offset, limit=limit)
         base = self.base_url(request)
         following = offset + len(items)
@@ -447,7 +476,7 @@ class _Api:
 
     async def output_csv(self, request: Request) -> Response:
         """``GET /api/v1/requests/{request_id}/output.csv``: 409 while running."""
-        job = await self.job(request.path_params["request_id"])
+        job = await self.job(request.path_params["request_id"], request)
         base = self.base_url(request)
         chunks = self.engine.output_csv(
             job.id, url_for=functools.partial(self.engine.image_url, base_url=base)
@@ -476,7 +505,7 @@ class _Api:
 
     async def deliveries(self, request: Request) -> Response:
         """``GET /api/v1/requests/{request_id}/deliveries``: webhook attempts."""
-        job = await self.job(request.path_params["request_id"])
+        job = await self.job(request.path_params["request_id"], request)
         found = await self.engine.storage.list_deliveries(job.id)
         return JSONResponse(
             {
@@ -498,7 +527,7 @@ class _Api:
     async def image(self, request: Request) -> Response:
         """``GET /api/v1/images/{key}``: an output image, cacheable for good."""
         key: str = request.path_params["key"]
-        if not _safe_key(key):
+        if not _safe_key(key) or not await self._image_visible(key, request):
             return _error(404, "no such image")
         try:
             info = await self.engine.blobs.stat(key)
@@ -507,7 +536,8 @@ class _Api:
         if info is None:
             return _error(404, "no such image")
         etag = _quote_etag(info.etag)
-        headers = {"ETag": etag, "Cache-Control": _IMAGE_CACHE}
+        cache = _IMAGE_CACHE if self.keys is None else _PRIVATE_IMAGE_CACHE
+        headers = {"ETag": etag, "Cache-Control": cache}
         if_none_match = request.headers.get("if-none-match")
         if if_none_match is not None and _etag_matches(if_none_match, etag):
             return Response(status_code=304, headers=headers)
@@ -518,6 +548,16 @@ class _Api:
         except NotFoundError:
             return _error(404, "no such image")
         return Response(data, media_type=info.content_type, headers=headers)
+
+    async def _image_visible(self, key: str, request: Request) -> bool:
+        """With keys, an image is its request owner's: keys start with the request id."""
+        if self.keys is None:
+            return True
+        request_id = key.split("/", 1)[0]
+        if _UUID.match(request_id) is None:
+            return False
+        job = await self.engine.storage.get_request(request_id.lower())
+        return job is not None and self.visible(job, request)
 
     # -- webhooks ---------------------------------------------------------
 
@@ -530,17 +570,19 @@ class _Api:
                 return _error(413, f"the JSON body is larger than {_JSON_BODY_LIMIT} bytes")
         try:
             data = json.loads(body)
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: nested too deep (64 kB of "[")
             return _error(400, 'expected a JSON body like {"callback_url": "https://..."}')
         url = data.get("callback_url") if isinstance(data, dict) else None
         if not isinstance(url, str) or not url.strip():
             return _error(400, "callback_url is required and must be a string")
         checked = await self._checked_callback(url.strip())
+        owner = owner_of(request)
         webhook = Webhook(
-            id="wh_" + secrets.token_hex(12), url=checked, secret=new_secret(), owner=None
+            id="wh_" + secrets.token_hex(12), url=checked, secret=new_secret(), owner=owner
         )
         await self.engine.storage.add_webhook(webhook)
-        log.info("webhook %s registered for %s", webhook.id, _loggable(checked))
+        log.info("webhook %s registered for %s", webhook.id, _loggable(checked),
+                 extra={"webhook_id": webhook.id, "owner": owner})
         return JSONResponse(
             {
                 "message": "Webhook registered successfully.",
@@ -552,7 +594,7 @@ class _Api:
 
     async def list_webhooks(self, request: Request) -> Response:
         """``GET /api/v1/webhook``: registrations, without their secrets."""
-        hooks = await self.engine.storage.list_webhooks(owner=None)
+        hooks = await self.engine.storage.list_webhooks(owner=owner_of(request))
         return JSONResponse(
             {
                 "webhooks": [
@@ -570,11 +612,12 @@ class _Api:
     async def delete_webhook(self, request: Request) -> Response:
         """``DELETE /api/v1/webhook/{webhook_id}``."""
         webhook_id: str = request.path_params["webhook_id"]
+        owner = owner_of(request)
         if _WEBHOOK_ID.match(webhook_id) is None or not await self.engine.storage.delete_webhook(
-            webhook_id, owner=None
+            webhook_id, owner=owner
         ):
             return _error(404, f"no webhook {webhook_id[:64]!r}")
-        log.info("webhook %s deleted", webhook_id)
+        log.info("webhook %s deleted", webhook_id, extra={"webhook_id": webhook_id, "owner": owner})
         return JSONResponse({"message": "Webhook deleted.", "id": webhook_id})
 
     # -- operations -------------------------------------------------------
@@ -592,9 +635,15 @@ class _Api:
             status_code=200 if ok else 503,
         )
 
+    async def metrics_text(self, request: Request) -> Response:
+        """``GET /metrics``: Prometheus text format (public, see `csvimg_server.metrics`)."""
+        body = await self.metrics.render(self.engine)
+        return Response(body, headers={"Content-Type": CONTENT_TYPE})
+
     async def openapi(self, request: Request) -> Response:
         """``GET /openapi.json``."""
-        return JSONResponse(openapi_document(self.base_url(request)))
+        document = openapi_document(self.base_url(request), api_keys=self.keys is not None)
+        return JSONResponse(document)
 
 
 def _routes(api: _Api) -> list[Route]:
@@ -625,16 +674,30 @@ def _routes(api: _Api) -> list[Route]:
         ),
         Route("/healthz", api.healthz, methods=["GET"], name="healthz"),
         Route("/readyz", api.readyz, methods=["GET"], name="readyz"),
+        Route("/metrics", api.metrics_text, methods=["GET"], name="metrics"),
         Route("/openapi.json", api.openapi, methods=["GET"], name="openapi"),
     ]
+
+
+def _allowed_methods(request: Request) -> set[str]:
+    """Every method some route serves at this path (one path may have several routes)."""
+    allowed: set[str] = set()
+    for route in request.app.routes:
+        if isinstance(route, Route) and route.methods:
+            match, _ = route.matches({**request.scope, "method": "GET"})
+            if match is not Match.NONE:
+                allowed |= route.methods
+    return allowed
 
 
 async def _http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
     message = {404: "not found", 405: "method not allowed"}.get(exc.status_code, exc.detail)
-    return JSONResponse(
-        {"error": message}, status_code=exc.status_code, headers=dict(exc.headers or {})
-    )
+    headers = dict(exc.headers or {})
+    if exc.status_code == 405 and (allowed := _allowed_methods(request)):
+        # Starlette lists only the first route's methods.
+        headers["Allow"] = ", ".join(sorted(allowed))
+    return JSONResponse({"error": message}, status_code=exc.status_code, headers=headers)
 
 
 async def _api_error(request: Request, exc: Exception) -> Response:
@@ -658,12 +721,21 @@ async def _csvimg_error(request: Request, exc: Exception) -> Response:
     return _error(500, f"{type(exc).__name__}: {exc}")
 
 
+def _api_keys(value: ApiKeys | str | Literal[FromEnv.FROM_ENV] | None) -> ApiKeys | None:
+    if value is FROM_ENV:
+        return ApiKeys.from_env()
+    if isinstance(value, str):
+        return ApiKeys.parse(value)
+    return value
+
+
 def create_app(
     settings: Settings | None = None,
     *,
     workers: int = 1,
     engine: Engine | None = None,
     shutdown_grace: float = SHUTDOWN_GRACE,
+    api_keys: ApiKeys | str | Literal[FromEnv.FROM_ENV] | None = FROM_ENV,
 ) -> Starlette:
     """Build the csvimg HTTP API.
 
@@ -673,19 +745,38 @@ def create_app(
     *workers* in-process worker loops process queued images (0: API only,
     images are processed by ``csvimg worker`` processes elsewhere); on
     shutdown in-flight images get *shutdown_grace* seconds to finish.
+
+    *api_keys* turns on API keys: an `ApiKeys`, or a ``CSVIMG_API_KEYS``
+    value to parse (blank: off); None turns them off; by default the
+    ``CSVIMG_API_KEYS`` environment variable decides. A malformed value
+    raises `ConfigError`. The keys are registered with the log redaction
+    filter (`csvimg_server.logs`). The app's metrics are in
+    ``app.state.metrics``.
     """
     if workers < 0:
         raise ValueError(f"workers must not be negative, not {workers}")
     if engine is not None and settings is not None:
         raise ValueError("pass settings or an engine, not both")
+    keys = _api_keys(api_keys)
     owns = engine is None
     if engine is None:
         engine = Engine(settings or Settings.from_env())
-    api = _Api(engine)
+    metrics = Metrics()
+    metrics.attach(engine)
+    api = _Api(engine, keys=keys, metrics=metrics)
+    routes = [*_routes(api), *ui_routes()]
+    middleware = [
+        Middleware(HttpMetrics, metrics=metrics),
+        Middleware(_JsonErrors),
+    ]
+    if keys is not None:
+        register_secrets(keys.secrets())
+        middleware.append(Middleware(ApiKeyAuth, keys=keys))
+        log.info("API keys on: %d key(s), owners %s", len(keys), ", ".join(sorted(keys.owners)))
     lifespan = Lifespan(engine, workers=workers, owns_engine=owns, shutdown_grace=shutdown_grace)
     app = Starlette(
-        routes=_routes(api),
-        middleware=[Middleware(_JsonErrors)],
+        routes=routes,
+        middleware=middleware,
         exception_handlers={
             HTTPException: _http_error,
             _ApiError: _api_error,
@@ -696,4 +787,5 @@ def create_app(
         lifespan=lifespan,
     )
     app.state.engine = engine
+    app.state.metrics = metrics
     return app

@@ -6,6 +6,14 @@ variable, which wins over the default. With no configuration at all,
 ``serve`` and ``worker`` share ``./csvimg-data/``: the SQLite database
 ``csvimg.db`` (storage and queue) and the image folder ``images/``.
 
+Logging (``serve``, ``worker``, ``process``): ``--log-level`` /
+``CSVIMG_LOG_LEVEL`` and ``--log-format text|json`` / ``CSVIMG_LOG_FORMAT``,
+applied by `csvimg_server.logs.configure_logging` (uvicorn's own lines
+included). Progress: ``process`` shows a progress bar on a terminal and a
+plain line every few seconds otherwise; ``serve`` and ``worker`` log a line
+of throughput every ``--stats-interval`` seconds while images finish (by
+default every 10 s when stderr is a terminal, never otherwise).
+
 Exit codes: 0 success, 1 failure (invalid CSV, server unreachable...),
 2 usage or configuration errors.
 """
@@ -15,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import signal
 import sys
@@ -22,14 +31,20 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Final, TextIO
+from typing import TYPE_CHECKING, Any, Final, TextIO
+from urllib.parse import quote
 
 import anyio
 
 from csvimg._errors import ConfigError, ManifestError, StorageError
 from csvimg.settings import Settings
 
-__all__ = ["main"]
+if TYPE_CHECKING:
+    import httpx
+
+    from csvimg_server._process import Tally
+
+__all__ = ["build_parser", "main"]
 
 log = logging.getLogger("csvimg.server")
 
@@ -39,6 +54,11 @@ DEFAULT_PORT: Final = 8000
 DEFAULT_SERVER: Final = "http://127.0.0.1:8000"
 SHUTDOWN_TIMEOUT: Final = 30.0
 LOG_LEVELS: Final = ("debug", "info", "warning", "error", "critical")
+LOG_FORMATS: Final = ("text", "json")
+DEFAULT_STATS_INTERVAL: Final = 10.0
+"""Seconds between throughput lines of ``serve``/``worker`` when stderr is a terminal."""
+STATUS_INTERVAL: Final = 1.0
+"""Seconds between polls of ``csvimg status --watch``."""
 
 EXIT_OK: Final = 0
 EXIT_FAILED: Final = 1
@@ -140,19 +160,49 @@ def _webhook_secret(data_dir: Path) -> str:
     raise UsageError(f"{path} is empty: delete it or set CSVIMG_WEBHOOK_SECRET")
 
 
-def _setup_logging(level: str | None, env: Mapping[str, str]) -> str:
-    chosen = (level or env.get("CSVIMG_LOG_LEVEL", "") or "info").lower()
-    if chosen not in LOG_LEVELS:
-        raise UsageError(f"log level must be one of {', '.join(LOG_LEVELS)}, not {chosen!r}")
-    logging.basicConfig(
-        level=chosen.upper(),
-        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    # httpx logs every image download at INFO, full URL included (query
-    # strings may carry tokens): too much, and not ours to show.
-    logging.getLogger("httpx").setLevel(max(logging.WARNING, logging.getLogger().level))
+def _choice(value: str | None, env: Mapping[str, str], name: str, default: str,
+            allowed: Sequence[str]) -> str:
+    chosen = (value or env.get(name, "").strip() or default).lower()
+    if chosen not in allowed:
+        raise UsageError(f"{name} must be one of {', '.join(allowed)}, not {chosen!r}")
     return chosen
+
+
+def _setup_logging(args: argparse.Namespace, env: Mapping[str, str], default: str = "info") -> str:
+    """Apply ``--log-level``/``--log-format`` (or their variables); return the level."""
+    level = _choice(args.log_level, env, "CSVIMG_LOG_LEVEL", default, LOG_LEVELS)
+    fmt = _choice(args.log_format, env, "CSVIMG_LOG_FORMAT", "text", LOG_FORMATS)
+    from csvimg_server.logs import configure_logging
+
+    try:
+        configure_logging(level, fmt)
+    except ValueError as exc:  # pragma: no cover - both were checked above
+        raise UsageError(str(exc)) from None
+    return level
+
+
+def _stats_interval(args: argparse.Namespace, env: Mapping[str, str], stream: TextIO) -> float:
+    """Seconds between throughput lines: option, variable, else 10 on a terminal, 0 (off)."""
+    raw = _env_or(args.stats_interval, env, "CSVIMG_STATS_INTERVAL")
+    if raw is None:
+        return DEFAULT_STATS_INTERVAL if _isatty(stream) else 0.0
+    try:
+        value = float(raw)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value >= 0):
+        raise UsageError(
+            f"--stats-interval / CSVIMG_STATS_INTERVAL must be a number of seconds >= 0, "
+            f"not {raw!r}"
+        )
+    return value
+
+
+def _isatty(stream: TextIO) -> bool:
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):  # a closed or odd stream
+        return False
 
 
 def _quiet_signals() -> None:
@@ -173,17 +223,26 @@ def cmd_serve(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     """``csvimg serve``: the HTTP API with in-process workers, under uvicorn."""
     import uvicorn
 
+    from csvimg_server._process import Tally, ThroughputLog
     from csvimg_server.app import create_app
 
-    level = _setup_logging(args.log_level, env)
+    level = _setup_logging(args, env)
+    interval = _stats_interval(args, env, sys.stderr)
     host = _env_or(args.host, env, "CSVIMG_HOST") or DEFAULT_HOST
     port = _int_option(args.port, env, "CSVIMG_PORT", DEFAULT_PORT, 0)
     workers = _int_option(args.workers, env, "CSVIMG_WORKERS", 1, 0)
     settings = _backend_settings(args, env)
     try:
-        app = create_app(settings, workers=workers, shutdown_grace=args.shutdown_timeout)
+        app = create_app(
+            settings,
+            workers=workers,
+            shutdown_grace=args.shutdown_timeout,
+            api_keys=env.get("CSVIMG_API_KEYS"),
+        )
     except ConfigError as exc:
         raise UsageError(str(exc)) from None
+    tally = Tally()
+    app.state.engine.on_item(tally.record)
     log.info(
         "csvimg serve: storage %s, queue %s, blobs %s, %d worker loop(s)",
         _redact(settings.storage_url), _redact(settings.effective_queue_url),
@@ -194,6 +253,9 @@ def cmd_serve(args: argparse.Namespace, env: Mapping[str, str]) -> int:
         host=host,
         port=port,
         log_level=level,
+        # uvicorn's lines go through the root logger that configure_logging
+        # set up, so --log-format json covers them too.
+        log_config=None,
         lifespan="on",
         timeout_graceful_shutdown=max(1, round(args.shutdown_timeout)),
         server_header=False,
@@ -201,7 +263,8 @@ def cmd_serve(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     server = uvicorn.Server(config)
     _quiet_signals()
     try:
-        server.run()
+        with ThroughputLog(tally, interval, log):
+            server.run()
     except SystemExit as exc:  # uvicorn exits when it cannot bind or start the app
         return EXIT_FAILED if exc.code else EXIT_OK
     return EXIT_OK if server.started else EXIT_FAILED
@@ -219,10 +282,15 @@ def _redact(url: str) -> str:
 
 def cmd_worker(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     """``csvimg worker``: process queued images until SIGTERM/SIGINT."""
-    _setup_logging(args.log_level, env)
+    from csvimg_server._process import Tally, ThroughputLog
+
+    _setup_logging(args, env)
+    interval = _stats_interval(args, env, sys.stderr)
     settings = _backend_settings(args, env)
+    tally = Tally()
     try:
-        anyio.run(_worker, settings, args.shutdown_timeout)
+        with ThroughputLog(tally, interval, log):
+            anyio.run(_worker, settings, args.shutdown_timeout, tally)
     except ConfigError as exc:
         raise UsageError(str(exc)) from None
     except StorageError as exc:
@@ -231,10 +299,11 @@ def cmd_worker(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     return EXIT_OK
 
 
-async def _worker(settings: Settings, grace: float) -> None:
+async def _worker(settings: Settings, grace: float, tally: Tally) -> None:
     from csvimg.engine import Engine
 
     engine = Engine(settings)
+    engine.on_item(tally.record)
     async with engine:
         stop = anyio.Event()
         log.info(
@@ -273,8 +342,7 @@ def cmd_process(args: argparse.Namespace, env: Mapping[str, str]) -> int:
 
     # Failed images are listed in the summary; their per-item warnings would
     # only repeat them (and cut through the progress bar), hence "error".
-    logging.basicConfig(level=(args.log_level or "error").upper(), stream=sys.stderr,
-                        format="%(levelname)s %(name)s: %(message)s")
+    _setup_logging(args, env, default="error")
     source = Path(args.file)
     if not source.is_file():
         raise UsageError(f"no such file: {source}")
@@ -333,36 +401,152 @@ def cmd_validate(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     return EXIT_OK
 
 
-def cmd_status(args: argparse.Namespace, env: Mapping[str, str]) -> int:
-    """``csvimg status``: ask a running server about a request."""
+class _StatusError(Exception):
+    """The status could not be had: print the message, exit 1."""
+
+
+def _fetch_status(client: httpx.Client, url: str, server: str, *, keyed: bool) -> dict[str, Any]:
     import httpx
 
-    server = (args.server or env.get("CSVIMG_SERVER") or DEFAULT_SERVER).rstrip("/")
-    url = f"{server}/api/v1/status/{args.request_id}"
     try:
-        response = httpx.get(url, timeout=10.0)
+        response = client.get(url)
     except httpx.HTTPError as exc:
-        print(f"error: cannot reach {server}: {exc}", file=sys.stderr)
-        return EXIT_FAILED
+        raise _StatusError(f"cannot reach {server}: {exc}") from None
     try:
         body = response.json()
     except ValueError:
+        body = None
+    if not isinstance(body, dict):
         body = {"error": response.text[:200]}
-    if response.status_code != 200:
-        print(f"error: {response.status_code}: {body.get('error', body)}", file=sys.stderr)
+    if response.status_code == 200:
+        return body
+    message = body.get("error", body)
+    if response.status_code == 401:
+        hint = ("the server refused the API key" if keyed else
+                "the server needs an API key: pass --api-key or set CSVIMG_API_KEY")
+        raise _StatusError(f"401: {hint} ({message})")
+    raise _StatusError(f"{response.status_code}: {message}")
+
+
+def _status_counts(body: Mapping[str, Any]) -> tuple[int, int, int]:
+    progress = body.get("progress") or {}
+    return (int(progress.get("done", 0)), int(progress.get("failed", 0)),
+            int(progress.get("total", 0)))
+
+
+def _progress_text(body: Mapping[str, Any]) -> str:
+    done, failed, total = _status_counts(body)
+    pct = 100 * (done + failed) // total if total else 100
+    return (f"{done + failed}/{total} images ({pct}%): "
+            f"{done} done, {failed} failed, {total} total")
+
+
+def _duration(body: Mapping[str, Any]) -> str | None:
+    from datetime import UTC, datetime
+
+    try:
+        created = datetime.fromisoformat(str(body["created_at"]))
+        updated = datetime.fromisoformat(str(body["updated_at"]))
+    except (KeyError, ValueError):
+        return None
+    if body.get("status") in ("COMPLETED", "FAILED"):
+        return f"took {(updated - created).total_seconds():.1f} s"
+    return f"running for {(datetime.now(UTC) - created).total_seconds():.0f} s"
+
+
+_STATUS_STYLE: Final = {"COMPLETED": "bold green", "FAILED": "bold red",
+                        "PROCESSING": "bold yellow", "PENDING": "bold"}
+
+
+def _print_status(body: Mapping[str, Any], stream: TextIO) -> None:
+    from rich.console import Console
+    from rich.markup import escape
+
+    console = Console(file=stream, highlight=False, soft_wrap=True)
+    status = str(body.get("status"))
+    style = _STATUS_STYLE.get(status, "bold")
+    rows = [
+        ("request", escape(str(body.get("request_id")))),
+        ("status", f"[{style}]{escape(status)}[/]"),
+        ("progress", escape(_progress_text(body))),
+        ("created", escape(str(body.get("created_at")))),
+        ("updated", escape(str(body.get("updated_at")))),
+    ]
+    if (duration := _duration(body)) is not None:
+        rows.append(("time", duration))
+    if body.get("output_csv_url"):
+        rows.append(("output", escape(str(body["output_csv_url"]))))
+    for name, value in rows:
+        console.print(f"{name:<9} {value}")
+
+
+def _watch(client: httpx.Client, url: str, server: str, body: dict[str, Any], *,
+           keyed: bool, interval: float, stream: TextIO) -> dict[str, Any]:
+    """Poll until the request finished: a progress bar on a terminal, else lines."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+    def finished(b: Mapping[str, Any]) -> bool:
+        return b.get("status") in ("COMPLETED", "FAILED")
+
+    def poll() -> dict[str, Any]:
+        time.sleep(interval)
+        return _fetch_status(client, url, server, keyed=keyed)
+
+    if _isatty(stream):
+        progress = Progress(
+            TextColumn("{task.fields[status]}"), BarColumn(), MofNCompleteColumn(),
+            TextColumn("{task.fields[failed]} failed"),
+            console=Console(file=stream), transient=True,
+        )
+        with progress:
+            done, failed, total = _status_counts(body)
+            task = progress.add_task("images", total=total, completed=done + failed,
+                                     failed=failed, status=body.get("status"))
+            while not finished(body):
+                body = poll()
+                done, failed, total = _status_counts(body)
+                progress.update(task, total=total, completed=done + failed, failed=failed,
+                                status=body.get("status"))
+        return body
+    last = ""
+    while True:
+        line = f"{body.get('status')}: {_progress_text(body)}"
+        if line != last:
+            print(line, file=stream, flush=True)
+            last = line
+        if finished(body):
+            return body
+        body = poll()
+
+
+def cmd_status(args: argparse.Namespace, env: Mapping[str, str]) -> int:
+    """``csvimg status``: ask a running server about a request (``--watch``: until done)."""
+    import httpx
+
+    server = (args.server or env.get("CSVIMG_SERVER") or DEFAULT_SERVER).rstrip("/")
+    url = f"{server}/api/v1/status/{quote(args.request_id, safe='')}"
+    key = args.api_key or env.get("CSVIMG_API_KEY", "").strip() or None
+    if args.interval <= 0:
+        raise UsageError(f"--interval must be positive, not {args.interval:g}")
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    try:
+        with httpx.Client(timeout=10.0, headers=headers) as client:
+            body = _fetch_status(client, url, server, keyed=key is not None)
+            if args.watch:
+                # With --json, stdout is kept for the JSON alone.
+                body = _watch(client, url, server, body, keyed=key is not None,
+                              interval=args.interval,
+                              stream=sys.stderr if args.json else sys.stdout)
+    except _StatusError as exc:
+        print(f"error: {exc}", file=sys.stderr)
         return EXIT_FAILED
     if args.json:
         print(json.dumps(body, indent=2))
-        return EXIT_OK
-    progress = body.get("progress", {})
-    print(f"request   {body.get('request_id')}")
-    print(f"status    {body.get('status')}")
-    print(f"progress  {progress.get('done', 0)} done, {progress.get('failed', 0)} failed, "
-          f"{progress.get('total', 0)} total")
-    print(f"created   {body.get('created_at')}")
-    print(f"updated   {body.get('updated_at')}")
-    if body.get("output_csv_url"):
-        print(f"output    {body['output_csv_url']}")
+    else:
+        _print_status(body, sys.stdout)
+    if args.watch and body.get("status") == "FAILED":
+        return EXIT_FAILED
     return EXIT_OK
 
 
@@ -377,8 +561,11 @@ examples:
   csvimg serve --workers 0 --storage redis://127.0.0.1:6379/0
       API only: 'csvimg worker' processes elsewhere do the images
   CSVIMG_DATA_DIR=/var/lib/csvimg csvimg serve --workers 2
+  csvimg serve --log-format json --log-level warning --stats-interval 60
+      JSON log lines (for a log collector), a throughput line every minute
 
 then:
+  open http://127.0.0.1:8000/ in a browser (the upload page), or:
   curl -F file=@products.csv http://127.0.0.1:8000/api/v1/upload
   curl http://127.0.0.1:8000/api/v1/status/<request_id>
   curl -OJ http://127.0.0.1:8000/api/v1/requests/<request_id>/output.csv
@@ -390,6 +577,7 @@ examples:
       works on ./csvimg-data (the same default as 'csvimg serve')
   csvimg worker --storage redis://10.0.0.5:6379/0 --blobs file:///mnt/shared/images
   CSVIMG_STORAGE=sqlite:////var/lib/csvimg/csvimg.db csvimg worker --concurrency 64
+  csvimg worker --log-format json --stats-interval 30
 
 SIGTERM or Ctrl+C: stop claiming images, let the ones in flight finish
 (at most --shutdown-timeout seconds; the rest go back to the queue), exit 0.
@@ -402,6 +590,8 @@ examples:
   csvimg process products.csv --out site/ --base-url https://cdn.example.com/site
       the output CSV then holds https://cdn.example.com/site/images/... URLs
   csvimg process products.csv --out results/ --quality 70 --max-dimension 1600
+  csvimg process products.csv --out results/ > run.log
+      not a terminal: a plain progress line every few seconds instead of the bar
 
 exit status: 0 when the run finished (even if some images failed; the
 summary lists them), 1 when the CSV is invalid, 2 on usage errors.
@@ -410,13 +600,23 @@ summary lists them), 1 when the CSV is invalid, 2 on usage errors.
 _VALIDATE_EXAMPLES = """\
 examples:
   csvimg validate products.csv
-      prints 'OK: N rows, M images' (exit 0) or every problem (exit 1)
+      prints 'OK: N rows, M images' (exit 0) or a table of every problem
+      (row, column, code, message; exit 1)
+  CSVIMG_MAX_ROWS=500 csvimg validate products.csv
+      with the limits the server will apply (CSVIMG_MAX_* variables)
 """
 
 _STATUS_EXAMPLES = """\
 examples:
   csvimg status 6f1c2a7e-0d1b-4c39-9a43-5b1f3f0e2a11
+  csvimg status 6f1c2a7e-0d1b-4c39-9a43-5b1f3f0e2a11 --watch
+      a progress bar until the request finished, then the status
   csvimg status 6f1c2a7e-0d1b-4c39-9a43-5b1f3f0e2a11 --server http://img.internal:8000 --json
+  CSVIMG_API_KEY=... csvimg status 6f1c2a7e-0d1b-4c39-9a43-5b1f3f0e2a11
+      a server with API keys (or --api-key KEY; the env keeps it out of 'ps')
+
+exit status: 0 when the status was read (with --watch: when the request
+COMPLETED), 1 when it could not be read or (with --watch) every image FAILED.
 """
 
 _MAIN_EXAMPLES = """\
@@ -424,6 +624,7 @@ examples:
   csvimg serve                             start the server (SQLite + local files)
   csvimg process products.csv --out out/   compress a CSV's images locally
   csvimg validate products.csv             check a CSV
+  csvimg status <request_id> --watch       follow a request on a server
   csvimg <command> --help                  options and examples of a command
 """
 
@@ -448,8 +649,21 @@ def _add_backend_options(parser: argparse.ArgumentParser) -> None:
                         metavar="SECONDS",
                         help="on stop, how long in-flight images may take to finish "
                              f"(default {SHUTDOWN_TIMEOUT:g})")
-    parser.add_argument("--log-level", choices=LOG_LEVELS, type=str.lower,
-                        help="log level (env CSVIMG_LOG_LEVEL; default info)")
+    _add_logging_options(parser, "info")
+    parser.add_argument("--stats-interval", type=float, metavar="SECONDS",
+                        help="log a throughput line (images/s, failed, bytes saved) every "
+                             "SECONDS while images finish; 0 = never (env "
+                             f"CSVIMG_STATS_INTERVAL; default {DEFAULT_STATS_INTERVAL:g} when "
+                             "stderr is a terminal, else 0)")
+
+
+def _add_logging_options(parser: argparse.ArgumentParser, default: str) -> None:
+    group = parser.add_argument_group("logging")
+    group.add_argument("--log-level", choices=LOG_LEVELS, type=str.lower,
+                       help=f"log level (env CSVIMG_LOG_LEVEL; default {default})")
+    group.add_argument("--log-format", choices=LOG_FORMATS, type=str.lower,
+                       help="log lines as text or one JSON object per line "
+                            "(env CSVIMG_LOG_FORMAT; default text)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -507,8 +721,7 @@ def build_parser() -> argparse.ArgumentParser:
                          help="cap on the longer side in pixels")
     process.add_argument("--concurrency", type=int, metavar="N",
                          help="images in flight (default 32)")
-    process.add_argument("--log-level", choices=LOG_LEVELS, type=str.lower,
-                         help="log level (default error)")
+    _add_logging_options(process, "error")
     process.set_defaults(func=cmd_process)
 
     validate = sub.add_parser(
@@ -521,12 +734,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     status = sub.add_parser(
         "status", help="show a request's status from a running server",
-        description="Print the status of a request from a running csvimg server.",
+        description="Print the status of a request from a running csvimg server:\n"
+                    "progress, times and the output CSV's URL.",
         epilog=_STATUS_EXAMPLES, formatter_class=formatter,
     )
     status.add_argument("request_id", metavar="ID", help="the request id")
     status.add_argument("--server", metavar="URL",
                         help=f"server base URL (env CSVIMG_SERVER; default {DEFAULT_SERVER})")
+    status.add_argument("--api-key", metavar="KEY",
+                        help="send 'Authorization: Bearer KEY' (env CSVIMG_API_KEY)")
+    status.add_argument("--watch", action="store_true",
+                        help="poll until the request finished, showing its progress")
+    status.add_argument("--interval", type=float, default=STATUS_INTERVAL, metavar="SECONDS",
+                        help=f"seconds between polls with --watch (default {STATUS_INTERVAL:g})")
     status.add_argument("--json", action="store_true", help="print the raw JSON answer")
     status.set_defaults(func=cmd_status)
     return parser

@@ -4,6 +4,13 @@ Written by hand as plain data, so that the contract is read and reviewed
 as a document rather than derived from code; a test checks that every
 route of the app is described here and validates real responses against
 these schemas.
+
+API keys are optional (``CSVIMG_API_KEYS``), so the document declares the
+``apiKey`` bearer scheme as optional (``security: [{}, {"apiKey": []}]``)
+and a 401 answer on every protected operation; `openapi_document` with
+``api_keys=True`` (what a server with keys serves) makes it required. The
+public operations (health checks, ``/metrics``, this document) have
+``security: []``.
 """
 
 from __future__ import annotations
@@ -271,11 +278,25 @@ _SCHEMAS: Final[dict[str, Any]] = {
     },
 }
 
-_NOT_FOUND: Final = _error("Unknown or malformed request id.")
+_NOT_FOUND: Final = _error("Unknown or malformed request id, or (with API keys) a request "
+                           "another key created.")
 _INTERNAL: Final = _error('Unexpected failure (`{"error": "internal error"}`) or a database '
                           'error (`{"error": "database error: ..."}`).')
 _NOT_ALLOWED: Final = _error("Method not allowed for this path (an `Allow` header lists the "
                              "methods that are).")
+_UNAUTHORIZED: Final = {
+    **_error("API keys are on and the request has no `Authorization: Bearer <key>` header, or "
+             "an unknown key. (Resources of another key are 404, not 401 or 403.)"),
+    "headers": {
+        "WWW-Authenticate": {
+            "description": '`Bearer realm="csvimg"`, with `error="invalid_token"` for a '
+            "wrong key.",
+            "schema": {"type": "string"},
+        }
+    },
+}
+_PUBLIC: Final[list[Any]] = []
+"""``security`` of an operation answered without a key."""
 
 _PATHS: Final[dict[str, Any]] = {
     "/api/v1/upload": {
@@ -427,7 +448,9 @@ _PATHS: Final[dict[str, Any]] = {
             "operationId": "image",
             "summary": "An output image",
             "description": "The URLs in the output CSV and the items point here. Images "
-            "never change, so they are cacheable for a year; `If-None-Match` is honoured.",
+            "never change, so they are cacheable for a year (`Cache-Control: public`, or "
+            "`private` when API keys are on: then only the key that created the request "
+            "sees them); `If-None-Match` is honoured.",
             "parameters": [
                 {
                     "name": "key",
@@ -457,7 +480,7 @@ _PATHS: Final[dict[str, Any]] = {
                     },
                 },
                 "304": {"description": "Not modified (the ETag matched)."},
-                "404": _error("No such image."),
+                "404": _error("No such image (or, with API keys, one of another key)."),
                 "405": _NOT_ALLOWED,
                 "500": _INTERNAL,
             },
@@ -513,10 +536,24 @@ _PATHS: Final[dict[str, Any]] = {
             },
         }
     },
+    "/": {
+        "get": {
+            "operationId": "uploadPage",
+            "summary": "The browser upload page (HTML; its assets are under /static/)",
+            "security": _PUBLIC,
+            "responses": {
+                "200": {
+                    "description": "The page.",
+                    "content": {"text/html": {"schema": {"type": "string"}}},
+                }
+            },
+        }
+    },
     "/healthz": {
         "get": {
             "operationId": "healthz",
             "summary": "Liveness: the process answers",
+            "security": _PUBLIC,
             "responses": {"200": _json(_ref("Health"), "Alive.")},
         }
     },
@@ -524,9 +561,28 @@ _PATHS: Final[dict[str, Any]] = {
         "get": {
             "operationId": "readyz",
             "summary": "Readiness: storage and queue answer",
+            "security": _PUBLIC,
             "responses": {
                 "200": _json(_ref("Readiness"), "Ready."),
                 "503": _json(_ref("Readiness"), "Storage or queue unreachable."),
+            },
+        }
+    },
+    "/metrics": {
+        "get": {
+            "operationId": "metrics",
+            "summary": "Prometheus metrics",
+            "description": "The Prometheus text format: requests and items by status, "
+            "fetch and codec latency histograms, queue depth, webhook delivery outcomes "
+            "and HTTP requests by route. Public even when API keys are on (it holds no "
+            "request data, only counts): restrict it at the network if that matters.",
+            "security": _PUBLIC,
+            "responses": {
+                "200": {
+                    "description": "The metrics.",
+                    "content": {"text/plain": {"schema": {"type": "string"}}},
+                },
+                "405": _NOT_ALLOWED,
             },
         }
     },
@@ -534,6 +590,7 @@ _PATHS: Final[dict[str, Any]] = {
         "get": {
             "operationId": "openapi",
             "summary": "This document",
+            "security": _PUBLIC,
             "responses": {
                 "200": {
                     "description": "The OpenAPI document.",
@@ -543,6 +600,16 @@ _PATHS: Final[dict[str, Any]] = {
         }
     },
 }
+
+
+def _with_unauthorized(paths: dict[str, Any]) -> dict[str, Any]:
+    """Add the 401 answer to every operation that is not public."""
+    for operations in paths.values():
+        for operation in operations.values():
+            if operation.get("security") != _PUBLIC:
+                operation["responses"]["401"] = _UNAUTHORIZED
+    return paths
+
 
 OPENAPI: Final[dict[str, Any]] = {
     "openapi": "3.1.0",
@@ -554,17 +621,36 @@ OPENAPI: Final[dict[str, Any]] = {
         "is downloaded and compressed in the background; poll the status (or receive a "
         "signed webhook) and download an output CSV with the compressed images' URLs. "
         "Every error is JSON: `{\"error\": \"...\"}`; an unknown path is a 404 and a wrong "
-        "method a 405, both in that shape.",
+        "method a 405, both in that shape. When the server has API keys "
+        "(`CSVIMG_API_KEYS`), every operation but the health checks, `/metrics` and this "
+        "document needs `Authorization: Bearer <key>` (401 otherwise, unknown paths "
+        "included), and a request and everything about it is visible only to the key that "
+        "created it (404 for the others).",
     },
-    "paths": _PATHS,
-    "components": {"schemas": _SCHEMAS},
+    "security": [{}, {"apiKey": []}],
+    "paths": _with_unauthorized(_PATHS),
+    "components": {
+        "schemas": _SCHEMAS,
+        "securitySchemes": {
+            "apiKey": {
+                "type": "http",
+                "scheme": "bearer",
+                "description": "One of the keys in `CSVIMG_API_KEYS`, when the server has any.",
+            }
+        },
+    },
 }
 """The document, without ``servers`` (see `openapi_document`)."""
 
 
-def openapi_document(server_url: str | None = None) -> dict[str, Any]:
-    """Return a fresh copy of the document, with *server_url* as its server."""
+def openapi_document(server_url: str | None = None, *, api_keys: bool = False) -> dict[str, Any]:
+    """Return a fresh copy of the document, with *server_url* as its server.
+
+    With *api_keys* the bearer key is required rather than optional.
+    """
     document = copy.deepcopy(OPENAPI)
     if server_url:
         document["servers"] = [{"url": server_url}]
+    if api_keys:
+        document["security"] = [{"apiKey": []}]
     return document

@@ -147,6 +147,7 @@ class _Database:
         self._lock = threading.Lock()
         self._idle: list[sqlite3.Connection] = []
         self._limiter: anyio.CapacityLimiter | None = None
+        self._write_lock: anyio.Lock | None = None
         self._open = False
 
     def _connect(self) -> sqlite3.Connection:
@@ -203,8 +204,17 @@ class _Database:
         return await anyio.to_thread.run_sync(self.call, fn, limiter=self._limiter)
 
     async def write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        """Run *fn* inside one ``BEGIN IMMEDIATE`` transaction."""
-        return await self.run(lambda conn: _in_transaction(conn, fn))
+        """Run *fn* inside one ``BEGIN IMMEDIATE`` transaction.
+
+        One write at a time per process: SQLite runs one writer anyway, and a
+        writer waiting here rather than in SQLite's busy handler (which sleeps
+        up to 100 ms between tries) neither wastes those sleeps nor holds a
+        pool thread that a read (a status request) could use.
+        """
+        if self._write_lock is None:
+            self._write_lock = anyio.Lock()  # like the limiter: one per event loop
+        async with self._write_lock:
+            return await self.run(lambda conn: _in_transaction(conn, fn))
 
     async def open(self) -> None:
         """Create the folder, switch to WAL and create the schema."""
@@ -212,6 +222,7 @@ class _Database:
             self._open = True
         # A limiter belongs to one event loop; a reopened backend may be on another.
         self._limiter = None
+        self._write_lock = None
 
         def setup(conn: sqlite3.Connection) -> None:
             # WAL is a property of the file: set once, every later connection has it.

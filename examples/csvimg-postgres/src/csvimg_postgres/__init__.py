@@ -1,0 +1,1086 @@
+"""PostgreSQL storage and queue for csvimg (``postgresql://`` URLs).
+
+The example backend plugin of csvimg: a complete, real backend in one
+module, installed as its own package and found by csvimg through the
+entry point group ``csvimg`` (see ``pyproject.toml``). It proves itself
+with the contract suite that ships in `csvimg.testing`.
+
+URLs are libpq connection URIs, plus two parameters of our own::
+
+    postgresql://user:password@db.internal:5432/csvimg
+    postgres://127.0.0.1/test?schema=shop1          tables in schema "shop1"
+    postgresql:///csvimg?host=/run/postgresql       over the Unix socket
+    postgresql://db/csvimg?pool_size=20&sslmode=require
+
+``schema`` (default ``csvimg``) names the schema holding the tables, made
+on `open` if missing, so several deployments or test runs share one
+database; ``pool_size`` (default 10) caps the connections one backend
+object holds. Every other parameter goes to libpq untouched.
+
+The same URL serves as storage *and* queue (csvimg's queue URL defaults
+to the storage URL), so ``csvimg serve --storage postgresql://...`` needs
+nothing else but a blob store.
+
+How it stays correct with many workers on many hosts:
+
+* `PostgresStorage.create_request` writes the request, its rows and items
+  in one transaction (rows and items with ``COPY``).
+* `PostgresStorage.finish_item` locks the item row (``SELECT ... FOR
+  UPDATE``), records the result, then locks the request row, applies
+  `csvimg.backends.memory.finish_outcome` (the completion rule every
+  backend shares) and, for the last item, writes the request's final
+  status and the outbox event, all in one transaction. Two finishers of
+  one request queue on the request row lock, so exactly one sees the last
+  item finish. Every transaction locks an item before its request, never
+  the other way round, so they cannot deadlock.
+* The sweeper (`PostgresStorage.stale_items`), the outbox
+  (`PostgresStorage.claim_events`) and the queue (`PostgresQueue.claim`)
+  pick rows with ``FOR UPDATE SKIP LOCKED``: any number of processes take
+  disjoint rows without waiting on each other.
+* Times are the workers' clocks (epoch seconds, as in every csvimg
+  backend): keep the hosts' clocks in sync (NTP), as leases compare them.
+
+Needs PostgreSQL 13 or later (``gen_random_uuid``) and psycopg 3 (async);
+runs on asyncio, which is what csvimg's server and workers use. Any
+`psycopg.Error` surfaces as `csvimg.StorageError`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import re
+from collections.abc import AsyncIterator, Sequence
+from typing import Any, Final
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+import anyio
+import psycopg
+from csvimg import (
+    BackendRegistry,
+    ConfigError,
+    Delivery,
+    Event,
+    Item,
+    ItemResult,
+    ItemStatus,
+    NotFoundError,
+    ProcessOptions,
+    Request,
+    RequestStatus,
+    Row,
+    Settings,
+    StorageError,
+    Webhook,
+    hookimpl,
+)
+from csvimg.backends import Claim
+from csvimg.backends.memory import finish_outcome
+from csvimg.jobs import check_item, check_request, now
+from psycopg import errors, pq, sql
+from psycopg.types.json import Jsonb
+
+__all__ = [
+    "DEFAULT_POOL_SIZE",
+    "DEFAULT_SCHEMA",
+    "SCHEMES",
+    "PostgresQueue",
+    "PostgresStorage",
+    "PostgresURL",
+    "csvimg_register_backends",
+    "parse_postgres_url",
+]
+
+SCHEMES: Final = ("postgresql", "postgres")
+"""The URL schemes this plugin serves (libpq accepts both)."""
+
+DEFAULT_SCHEMA: Final = "csvimg"
+"""The schema holding the tables when the URL names none."""
+
+DEFAULT_POOL_SIZE: Final = 10
+"""Connections one backend object keeps at most."""
+
+_OWN_PARAMS: Final = frozenset({"schema", "pool_size"})
+_IDENTIFIER: Final = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}\Z")
+
+
+class PostgresURL:
+    """A parsed ``postgresql://`` URL: libpq's part and ours."""
+
+    def __init__(self, conninfo: str, schema: str, pool_size: int) -> None:
+        self.conninfo = conninfo
+        """The URL for libpq, without ``schema`` and ``pool_size``."""
+        self.schema = schema
+        """The schema holding the tables."""
+        self.pool_size = pool_size
+        """Most connections kept at once."""
+
+    def redacted(self) -> str:
+        """The libpq URL with any password replaced by ``***`` (for logs and reprs)."""
+        parts = urlsplit(self.conninfo)
+        if parts.password is None:
+            return self.conninfo
+        netloc = parts.netloc.rpartition("@")
+        user = netloc[0].split(":", 1)[0]
+        return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc[2]}"))
+
+
+def parse_postgres_url(url: str) -> PostgresURL:
+    """Split a ``postgresql://`` / ``postgres://`` URL into libpq's part and ours.
+
+    Raises `csvimg.ConfigError` for another scheme, a schema name that is
+    not a plain identifier, or a ``pool_size`` that is not a whole number
+    of at least 1.
+    """
+    parts = urlsplit(url)
+    if parts.scheme.lower() not in SCHEMES:
+        raise ConfigError(f"not a PostgreSQL URL: {url!r} (use postgresql://...)")
+    schema = DEFAULT_SCHEMA
+    pool_size = DEFAULT_POOL_SIZE
+    passed: list[tuple[str, str]] = []
+    for name, value in parse_qsl(parts.query, keep_blank_values=True):
+        if name == "schema":
+            if _IDENTIFIER.match(value) is None:
+                raise ConfigError(
+                    f"schema={value!r}: use letters, digits and _ (at most 63, not first a digit)"
+                )
+            schema = value
+        elif name == "pool_size":
+            try:
+                pool_size = int(value)
+            except ValueError:
+                raise ConfigError(f"pool_size must be a whole number, not {value!r}") from None
+            if pool_size < 1:
+                raise ConfigError(f"pool_size must be at least 1, not {pool_size}")
+        else:
+            passed.append((name, value))
+    conninfo = urlunsplit(parts._replace(query=urlencode(passed)))
+    return PostgresURL(conninfo, schema, pool_size)
+
+
+def _lock_id(schema: str) -> int:
+    """A stable signed 64-bit advisory-lock id for creating *schema*'s tables."""
+    digest = hashlib.blake2b(f"csvimg:{schema}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big", signed=True)
+
+
+def _describe(exc: psycopg.Error, where: str) -> str:
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return f"PostgreSQL {where}: {text}"
+
+
+class _Pool:
+    """A few async connections to one database, search_path set to our schema.
+
+    Connections are made lazily (at most ``size`` at once), are in
+    autocommit mode (a read is one statement; writes use `transaction`),
+    and one that comes back broken or in the middle of something (a
+    cancelled query) is closed rather than reused.
+    """
+
+    def __init__(self, url: PostgresURL, schema_ddl: str) -> None:
+        self.url = url
+        self._ddl = schema_ddl
+        self._idle: list[psycopg.AsyncConnection[Any]] = []
+        self._limiter: anyio.CapacityLimiter | None = None
+        self._open = False
+
+    async def _connect(self) -> psycopg.AsyncConnection[Any]:
+        conn = await psycopg.AsyncConnection.connect(self.url.conninfo, autocommit=True)
+        try:
+            await conn.execute(
+                sql.SQL("SET search_path TO {}").format(sql.Identifier(self.url.schema))
+            )
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await conn.close()
+            raise
+        return conn
+
+    async def _release(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        reusable = (
+            self._open
+            and not conn.closed
+            and not conn.broken
+            and conn.info.transaction_status == pq.TransactionStatus.IDLE
+            and len(self._idle) < self.url.pool_size
+        )
+        if reusable:
+            self._idle.append(conn)
+            return
+        with anyio.CancelScope(shield=True):
+            await conn.close()
+
+    @contextlib.asynccontextmanager
+    async def connection(self) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
+        """Borrow a connection; `psycopg.Error` inside becomes `StorageError`."""
+        if not self._open or self._limiter is None:
+            raise StorageError(f"PostgreSQL backend {self.url.redacted()} is not open")
+        async with self._limiter:
+            try:
+                conn = self._idle.pop() if self._idle else await self._connect()
+            except psycopg.Error as exc:
+                raise StorageError(_describe(exc, f"at {self.url.redacted()}")) from exc
+            try:
+                yield conn
+            except psycopg.Error as exc:
+                raise StorageError(_describe(exc, "query failed")) from exc
+            finally:
+                await self._release(conn)
+
+    @contextlib.asynccontextmanager
+    async def transaction(self) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
+        """Borrow a connection inside one transaction (committed unless an error escapes)."""
+        async with self.connection() as conn, conn.transaction():
+            yield conn
+
+    async def open(self) -> None:
+        """Create the schema and tables if needed."""
+        # A limiter belongs to one event loop; a reopened backend may be on another.
+        self._limiter = anyio.CapacityLimiter(self.url.pool_size)
+        self._open = True
+        schema = sql.Identifier(self.url.schema)
+        try:
+            async with self.transaction() as conn:
+                # Two processes opening a fresh database at once would race
+                # on CREATE ... IF NOT EXISTS (a unique violation in the
+                # catalog): one waits for the other here instead.
+                await conn.execute("SELECT pg_advisory_xact_lock(%s)", (_lock_id(self.url.schema),))
+                await conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(schema))
+                for statement in self._ddl.split(";"):
+                    if statement.strip():
+                        await conn.execute(statement.encode())  # DDL text is ours
+        except BaseException:
+            await self.close()
+            raise
+
+    async def close(self) -> None:
+        """Close the idle connections; borrowed ones close when handed back."""
+        self._open = False
+        idle, self._idle = self._idle, []
+        with anyio.CancelScope(shield=True):
+            for conn in idle:
+                await conn.close()
+
+    async def ping(self) -> None:
+        """Raise `StorageError` unless a query answers."""
+        async with self.connection() as conn:
+            await conn.execute("SELECT 1")
+
+
+# --------------------------------------------------------------------------
+# Storage
+# --------------------------------------------------------------------------
+
+_STORAGE_DDL: Final = """
+CREATE TABLE IF NOT EXISTS requests (
+    id text PRIMARY KEY,
+    seqno bigint GENERATED ALWAYS AS IDENTITY,
+    status text NOT NULL,
+    created_at double precision NOT NULL,
+    updated_at double precision NOT NULL,
+    total integer NOT NULL,
+    done integer NOT NULL,
+    failed integer NOT NULL,
+    header text[] NOT NULL,
+    url_column integer NOT NULL,
+    callback_url text,
+    options jsonb NOT NULL,
+    owner text,
+    filename text
+);
+CREATE INDEX IF NOT EXISTS requests_created ON requests (created_at DESC, seqno DESC);
+CREATE INDEX IF NOT EXISTS requests_owner ON requests (owner, created_at DESC, seqno DESC);
+
+CREATE TABLE IF NOT EXISTS rows (
+    request_id text NOT NULL REFERENCES requests (id) ON DELETE CASCADE,
+    idx integer NOT NULL,
+    line integer NOT NULL,
+    cells text[] NOT NULL,
+    urls text[] NOT NULL,
+    PRIMARY KEY (request_id, idx)
+);
+
+CREATE TABLE IF NOT EXISTS items (
+    id text PRIMARY KEY,
+    request_id text NOT NULL REFERENCES requests (id) ON DELETE CASCADE,
+    seq integer NOT NULL,
+    row_index integer NOT NULL,
+    url_position integer NOT NULL,
+    url text NOT NULL,
+    status text NOT NULL,
+    attempts integer NOT NULL,
+    lease_until double precision,
+    output_key text,
+    content_type text,
+    bytes_in bigint,
+    bytes_out bigint,
+    width integer,
+    height integer,
+    error_code text,
+    error_message text,
+    updated_at double precision NOT NULL
+);
+CREATE INDEX IF NOT EXISTS items_request_seq ON items (request_id, seq);
+CREATE INDEX IF NOT EXISTS items_leased ON items (lease_until) WHERE status = 'PROCESSING';
+CREATE INDEX IF NOT EXISTS items_pending ON items (updated_at) WHERE status = 'PENDING';
+
+CREATE TABLE IF NOT EXISTS webhooks (
+    id text PRIMARY KEY,
+    seqno bigint GENERATED ALWAYS AS IDENTITY,
+    url text NOT NULL,
+    secret text NOT NULL,
+    created_at double precision NOT NULL,
+    owner text,
+    active boolean NOT NULL
+);
+CREATE INDEX IF NOT EXISTS webhooks_owner ON webhooks (owner, created_at, seqno);
+
+CREATE TABLE IF NOT EXISTS events (
+    id text PRIMARY KEY,
+    seqno bigint GENERATED ALWAYS AS IDENTITY,
+    type text NOT NULL,
+    request_id text NOT NULL REFERENCES requests (id) ON DELETE CASCADE,
+    owner text,
+    callback_url text,
+    created_at double precision NOT NULL,
+    attempts integer NOT NULL,
+    next_attempt_at double precision,
+    lease_until double precision
+);
+CREATE INDEX IF NOT EXISTS events_due ON events (next_attempt_at)
+    WHERE next_attempt_at IS NOT NULL;
+
+CREATE TABLE IF NOT EXISTS deliveries (
+    seq bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    request_id text NOT NULL,
+    event_id text NOT NULL,
+    url text NOT NULL,
+    attempt integer NOT NULL,
+    at double precision NOT NULL,
+    status_code integer,
+    error text,
+    webhook_id text
+);
+CREATE INDEX IF NOT EXISTS deliveries_request ON deliveries (request_id, seq)
+"""
+
+_REQUEST_COLUMNS: Final = (
+    "id, status, created_at, updated_at, total, done, failed, header, url_column, "
+    "callback_url, options, owner, filename"
+)
+_ITEM_COLUMNS: Final = (
+    "id, request_id, row_index, url_position, url, status, attempts, output_key, "
+    "content_type, bytes_in, bytes_out, width, height, error_code, error_message, "
+    "lease_until, updated_at"
+)
+_EVENT_COLUMNS: Final = (
+    "id, type, request_id, created_at, owner, callback_url, attempts, next_attempt_at"
+)
+# Built from the constant column lists above only; every value is a bound parameter.
+_SELECT_REQUESTS: Final = f"SELECT {_REQUEST_COLUMNS} FROM requests"  # noqa: S608
+_SELECT_ITEMS: Final = f"SELECT {_ITEM_COLUMNS} FROM items"  # noqa: S608
+
+
+def _request_from(r: Sequence[Any]) -> Request:
+    return Request(
+        id=r[0],
+        status=RequestStatus(r[1]),
+        created_at=r[2],
+        updated_at=r[3],
+        total=r[4],
+        done=r[5],
+        failed=r[6],
+        header=tuple(r[7]),
+        url_column=r[8],
+        callback_url=r[9],
+        options=ProcessOptions.from_dict(r[10]),
+        owner=r[11],
+        filename=r[12],
+    )
+
+
+def _item_from(r: Sequence[Any]) -> Item:
+    return Item(
+        id=r[0],
+        request_id=r[1],
+        row=r[2],
+        position=r[3],
+        url=r[4],
+        status=ItemStatus(r[5]),
+        attempts=r[6],
+        output_key=r[7],
+        content_type=r[8],
+        bytes_in=r[9],
+        bytes_out=r[10],
+        width=r[11],
+        height=r[12],
+        error_code=r[13],
+        error_message=r[14],
+        lease_until=r[15],
+        updated_at=r[16],
+    )
+
+
+def _event_from(r: Sequence[Any]) -> Event:
+    return Event(
+        id=r[0],
+        type=r[1],
+        request_id=r[2],
+        created_at=r[3],
+        owner=r[4],
+        callback_url=r[5],
+        attempts=r[6],
+        next_attempt_at=r[7],
+    )
+
+
+def _webhook_from(r: Sequence[Any]) -> Webhook:
+    return Webhook(id=r[0], url=r[1], secret=r[2], created_at=r[3], owner=r[4], active=r[5])
+
+
+async def _get_item(
+    conn: psycopg.AsyncConnection[Any], item_id: str, *, lock: bool = False
+) -> Item | None:
+    query = _SELECT_ITEMS + " WHERE id = %s" + (" FOR UPDATE" if lock else "")
+    cur = await conn.execute(query, (item_id,))
+    row = await cur.fetchone()
+    return None if row is None else _item_from(row)
+
+
+async def _save_item(conn: psycopg.AsyncConnection[Any], item: Item) -> None:
+    await conn.execute(
+        "UPDATE items SET status = %s, attempts = %s, lease_until = %s, output_key = %s, "
+        "content_type = %s, bytes_in = %s, bytes_out = %s, width = %s, height = %s, "
+        "error_code = %s, error_message = %s, updated_at = %s WHERE id = %s",
+        (
+            item.status.value,
+            item.attempts,
+            item.lease_until,
+            item.output_key,
+            item.content_type,
+            item.bytes_in,
+            item.bytes_out,
+            item.width,
+            item.height,
+            item.error_code,
+            item.error_message,
+            item.updated_at,
+            item.id,
+        ),
+    )
+
+
+class PostgresStorage:
+    """Storage in PostgreSQL tables; see `csvimg.backends.Storage`.
+
+    One object serves any number of tasks of one event loop through a small
+    connection pool; any number of objects (processes, hosts) may share the
+    database.
+    """
+
+    def __init__(self, url: str | PostgresURL) -> None:
+        self.url = parse_postgres_url(url) if isinstance(url, str) else url
+        self._pool = _Pool(self.url, _STORAGE_DDL)
+
+    @classmethod
+    def from_url(cls, url: str, settings: Settings) -> PostgresStorage:
+        """Build from ``postgresql://...`` (see `parse_postgres_url`)."""
+        return cls(url)
+
+    def __repr__(self) -> str:
+        return f"PostgresStorage({self.url.redacted()!r}, schema={self.url.schema!r})"
+
+    async def open(self) -> None:
+        """Create the schema and tables if needed."""
+        await self._pool.open()
+
+    async def close(self) -> None:
+        """Close the connections (the database keeps everything)."""
+        await self._pool.close()
+
+    async def ping(self) -> None:
+        """Raise `StorageError` unless the database answers."""
+        await self._pool.ping()
+
+    # -- requests, rows, items ------------------------------------------------
+
+    async def create_request(
+        self, request: Request, rows: Sequence[Row], items: Sequence[Item]
+    ) -> None:
+        """Insert the request, its rows and items in one transaction."""
+        rid = request.id
+        async with self._pool.transaction() as conn:
+            try:
+                await conn.execute(
+                    f"INSERT INTO requests ({_REQUEST_COLUMNS}) "  # noqa: S608 - constant columns
+                    "VALUES (%s, %s, %s, %s, %s, %s, %s, %s::text[], %s, %s, %s, %s, %s)",
+                    (
+                        rid,
+                        request.status.value,
+                        request.created_at,
+                        request.updated_at,
+                        request.total,
+                        request.done,
+                        request.failed,
+                        list(request.header),
+                        request.url_column,
+                        request.callback_url,
+                        Jsonb(request.options.to_dict()),
+                        request.owner,
+                        request.filename,
+                    ),
+                )
+            except errors.UniqueViolation:
+                raise StorageError(f"request {rid} exists already") from None
+            cur = conn.cursor()
+            # COPY: 300,000 items go in one round trip instead of 300,000.
+            async with cur.copy(
+                "COPY rows (request_id, idx, line, cells, urls) FROM STDIN"
+            ) as copy:
+                copy.set_types(["text", "int4", "int4", "text[]", "text[]"])
+                for r in rows:
+                    await copy.write_row((rid, r.index, r.line, list(r.cells), list(r.urls)))
+            try:
+                async with cur.copy(
+                    "COPY items (id, request_id, seq, row_index, url_position, url, status, "
+                    "attempts, lease_until, output_key, content_type, bytes_in, bytes_out, "
+                    "width, height, error_code, error_message, updated_at) FROM STDIN"
+                ) as copy:
+                    for seq, i in enumerate(items):
+                        await copy.write_row(
+                            (
+                                i.id,
+                                rid,
+                                seq,
+                                i.row,
+                                i.position,
+                                i.url,
+                                i.status.value,
+                                i.attempts,
+                                i.lease_until,
+                                i.output_key,
+                                i.content_type,
+                                i.bytes_in,
+                                i.bytes_out,
+                                i.width,
+                                i.height,
+                                i.error_code,
+                                i.error_message,
+                                i.updated_at,
+                            )
+                        )
+            except errors.UniqueViolation as exc:
+                raise StorageError(f"request {rid}: duplicate item id ({exc})") from None
+
+    async def get_request(self, request_id: str) -> Request | None:
+        """Return the request or None."""
+        async with self._pool.connection() as conn:
+            cur = await conn.execute(_SELECT_REQUESTS + " WHERE id = %s", (request_id,))
+            row = await cur.fetchone()
+        return None if row is None else _request_from(row)
+
+    async def list_requests(self, *, owner: str | None = None, limit: int = 50) -> list[Request]:
+        """Newest first (of *owner* when given)."""
+        async with self._pool.connection() as conn:
+            if owner is None:
+                cur = await conn.execute(
+                    _SELECT_REQUESTS + " ORDER BY created_at DESC, seqno DESC LIMIT %s",
+                    (limit,),
+                )
+            else:
+                cur = await conn.execute(
+                    _SELECT_REQUESTS
+                    + " WHERE owner = %s ORDER BY created_at DESC, seqno DESC LIMIT %s",
+                    (owner, limit),
+                )
+            return [_request_from(r) for r in await cur.fetchall()]
+
+    async def list_rows(self, request_id: str, *, offset: int = 0, limit: int = 1000) -> list[Row]:
+        """Rows in upload order."""
+        async with self._pool.connection() as conn:
+            cur = await conn.execute(
+                "SELECT idx, line, cells, urls FROM rows WHERE request_id = %s "
+                "ORDER BY idx LIMIT %s OFFSET %s",
+                (request_id, limit, offset),
+            )
+            return [
+                Row(index=r[0], line=r[1], cells=tuple(r[2]), urls=tuple(r[3]))
+                for r in await cur.fetchall()
+            ]
+
+    async def list_items(
+        self, request_id: str, *, offset: int = 0, limit: int = 1000
+    ) -> list[Item]:
+        """Items in (row, position) order, as they were created."""
+        async with self._pool.connection() as conn:
+            cur = await conn.execute(
+                _SELECT_ITEMS + " WHERE request_id = %s ORDER BY seq LIMIT %s OFFSET %s",
+                (request_id, limit, offset),
+            )
+            return [_item_from(r) for r in await cur.fetchall()]
+
+    async def get_item(self, item_id: str) -> Item | None:
+        """Return the item or None."""
+        async with self._pool.connection() as conn:
+            return await _get_item(conn, item_id)
+
+    # -- leasing ----------------------------------------------------------------
+
+    async def start_item(self, item_id: str, *, lease_seconds: float) -> Item | None:
+        """Lease the item (see the protocol): item row locked, then the request's."""
+        async with self._pool.transaction() as conn:
+            item = await _get_item(conn, item_id, lock=True)
+            at = now()
+            if item is None or item.status.finished:
+                return None
+            if item.status is ItemStatus.PROCESSING:
+                if item.lease_until is not None and item.lease_until > at:
+                    return None
+                # The lease ran out (its worker died): back to PENDING, then ours.
+                item = item.with_status(ItemStatus.PENDING, updated_at=at)
+            item = item.with_status(
+                ItemStatus.PROCESSING,
+                attempts=item.attempts + 1,
+                lease_until=at + lease_seconds,
+                updated_at=at,
+            )
+            await _save_item(conn, item)
+            check_request(RequestStatus.PENDING, RequestStatus.PROCESSING)
+            await conn.execute(
+                "UPDATE requests SET status = %s, updated_at = %s WHERE id = %s AND status = %s",
+                (RequestStatus.PROCESSING.value, at, item.request_id, RequestStatus.PENDING.value),
+            )
+            return item
+
+    async def extend_lease(self, item_id: str, *, lease_seconds: float) -> bool:
+        """Push a PROCESSING item's lease forward."""
+        async with self._pool.connection() as conn:
+            cur = await conn.execute(
+                "UPDATE items SET lease_until = %s WHERE id = %s AND status = %s",
+                (now() + lease_seconds, item_id, ItemStatus.PROCESSING.value),
+            )
+            return cur.rowcount > 0
+
+    async def retry_item(self, item_id: str, *, error_code: str, error_message: str) -> bool:
+        """Move PROCESSING -> PENDING, keeping the error for the record."""
+        async with self._pool.transaction() as conn:
+            item = await _get_item(conn, item_id, lock=True)
+            if item is None or item.status is not ItemStatus.PROCESSING:
+                return False
+            await _save_item(
+                conn,
+                item.with_status(
+                    ItemStatus.PENDING,
+                    lease_until=None,
+                    error_code=error_code,
+                    error_message=error_message,
+                ),
+            )
+            return True
+
+    # The "--8<--" comments mark the code that docs/plugins.md shows.
+    # --8<-- [start:finish_item]
+    async def finish_item(self, item_id: str, result: ItemResult) -> Request | None:
+        """Record the outcome, bump counters, maybe finish the request: one transaction."""
+        async with self._pool.transaction() as conn:
+            item = await _get_item(conn, item_id, lock=True)
+            at = now()
+            if item is None or item.status.finished:
+                return None  # idempotent: a second finish changes nothing
+            if item.status is ItemStatus.PENDING:
+                # A result may arrive for an item whose lease was taken back
+                # (slow worker): accept it rather than redo the work.
+                item = item.with_status(ItemStatus.PROCESSING, updated_at=at)
+            await _save_item(
+                conn,
+                item.with_status(
+                    ItemStatus.DONE if result.ok else ItemStatus.FAILED,
+                    output_key=result.output_key,
+                    content_type=result.content_type,
+                    bytes_in=result.bytes_in,
+                    bytes_out=result.bytes_out,
+                    width=result.width,
+                    height=result.height,
+                    error_code=result.error_code,
+                    error_message=result.error_message,
+                    lease_until=None,
+                    updated_at=at,
+                ),
+            )
+            # The serialisation point: concurrent finishers of this request
+            # wait here, and each then reads the counters the last one wrote.
+            cur = await conn.execute(
+                _SELECT_REQUESTS + " WHERE id = %s FOR UPDATE", (item.request_id,)
+            )
+            row = await cur.fetchone()
+            if row is None:  # pragma: no cover - the foreign key keeps them together
+                raise StorageError(f"item {item_id} has no request {item.request_id}")
+            request = _request_from(row)
+            updated, event = finish_outcome(request, result, at)
+            await conn.execute(
+                "UPDATE requests SET done = %s, failed = %s, status = %s, updated_at = %s "
+                "WHERE id = %s",
+                (updated.done, updated.failed, updated.status.value, at, request.id),
+            )
+            if event is None:
+                return None
+            await conn.execute(
+                "INSERT INTO events (id, type, request_id, owner, callback_url, created_at, "
+                "attempts, next_attempt_at) VALUES (%s, %s, %s, %s, %s, %s, %s, %s)",
+                (
+                    event.id,
+                    event.type,
+                    event.request_id,
+                    event.owner,
+                    event.callback_url,
+                    event.created_at,
+                    event.attempts,
+                    event.next_attempt_at,
+                ),
+            )
+            return updated
+
+    # --8<-- [end:finish_item]
+
+    async def stale_items(self, *, now: float, pending_before: float, limit: int) -> list[str]:
+        """Take back ended leases, touch forgotten PENDING items; return their ids.
+
+        One transaction; ``SKIP LOCKED`` so that several sweepers (and
+        workers finishing items right now) never wait on each other.
+        """
+        async with self._pool.transaction() as conn:
+            # Both selections before any update: an item moved back to
+            # PENDING here must not also be picked as a forgotten PENDING one.
+            cur = await conn.execute(
+                "SELECT id FROM items WHERE status = %s AND lease_until < %s "
+                "ORDER BY lease_until LIMIT %s FOR UPDATE SKIP LOCKED",
+                (ItemStatus.PROCESSING.value, now, limit),
+            )
+            expired = [r[0] for r in await cur.fetchall()]
+            cur = await conn.execute(
+                "SELECT id FROM items WHERE status = %s AND updated_at < %s "
+                "ORDER BY updated_at LIMIT %s FOR UPDATE SKIP LOCKED",
+                (ItemStatus.PENDING.value, pending_before, max(0, limit - len(expired))),
+            )
+            forgotten = [r[0] for r in await cur.fetchall()]
+            if expired:
+                check_item(ItemStatus.PROCESSING, ItemStatus.PENDING)
+                await conn.execute(
+                    "UPDATE items SET status = %s, lease_until = NULL, updated_at = %s "
+                    "WHERE id = ANY(%s)",
+                    (ItemStatus.PENDING.value, now, expired),
+                )
+            if forgotten:
+                await conn.execute(
+                    "UPDATE items SET updated_at = %s WHERE id = ANY(%s)", (now, forgotten)
+                )
+            return expired + forgotten
+
+    # -- webhooks, outbox, deliveries ---------------------------------------------
+
+    async def add_webhook(self, webhook: Webhook) -> None:
+        """Register a receiver (replacing one with the same id)."""
+        async with self._pool.connection() as conn:
+            await conn.execute(
+                "INSERT INTO webhooks (id, url, secret, created_at, owner, active) "
+                "VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT (id) DO UPDATE SET "
+                "url = EXCLUDED.url, secret = EXCLUDED.secret, created_at = EXCLUDED.created_at, "
+                "owner = EXCLUDED.owner, active = EXCLUDED.active",
+                (
+                    webhook.id,
+                    webhook.url,
+                    webhook.secret,
+                    webhook.created_at,
+                    webhook.owner,
+                    webhook.active,
+                ),
+            )
+
+    async def list_webhooks(self, *, owner: str | None = None) -> list[Webhook]:
+        """Registrations of *owner* (None: the ownerless ones), oldest first."""
+        async with self._pool.connection() as conn:
+            cur = await conn.execute(
+                "SELECT id, url, secret, created_at, owner, active FROM webhooks "
+                "WHERE owner IS NOT DISTINCT FROM %s ORDER BY created_at, seqno",
+                (owner,),
+            )
+            return [_webhook_from(r) for r in await cur.fetchall()]
+
+    async def set_webhook_active(self, webhook_id: str, active: bool) -> None:
+        """Enable or disable a registration (unknown ids are ignored)."""
+        async with self._pool.connection() as conn:
+            await conn.execute(
+                "UPDATE webhooks SET active = %s WHERE id = %s", (active, webhook_id)
+            )
+
+    async def delete_webhook(self, webhook_id: str, *, owner: str | None = None) -> bool:
+        """Delete a registration of *owner*."""
+        async with self._pool.connection() as conn:
+            cur = await conn.execute(
+                "DELETE FROM webhooks WHERE id = %s AND owner IS NOT DISTINCT FROM %s",
+                (webhook_id, owner),
+            )
+            return cur.rowcount > 0
+
+    async def claim_events(self, *, now: float, limit: int, lease_seconds: float) -> list[Event]:
+        """Lease up to *limit* due, undelivered events, oldest first."""
+        async with self._pool.connection() as conn:
+            cur = await conn.execute(
+                "WITH due AS ("
+                "  SELECT id FROM events WHERE next_attempt_at IS NOT NULL"
+                "  AND next_attempt_at <= %(now)s"
+                "  AND (lease_until IS NULL OR lease_until <= %(now)s)"
+                "  ORDER BY created_at, seqno LIMIT %(limit)s FOR UPDATE SKIP LOCKED"
+                ") UPDATE events e SET lease_until = %(until)s FROM due WHERE e.id = due.id "
+                "RETURNING e.id, e.type, e.request_id, e.created_at, e.owner, e.callback_url, "
+                "e.attempts, e.next_attempt_at, e.seqno",
+                {"now": now, "limit": limit, "until": now + lease_seconds},
+            )
+            rows = await cur.fetchall()
+        # RETURNING keeps no order: sort as the CTE picked them.
+        rows.sort(key=lambda r: (r[3], r[8]))
+        return [_event_from(r) for r in rows]
+
+    async def reschedule_event(self, event_id: str, *, next_attempt_at: float | None) -> None:
+        """Count the round and schedule the next (None: delivered, never claimed again)."""
+        async with self._pool.connection() as conn:
+            cur = await conn.execute(
+                "UPDATE events SET attempts = attempts + 1, next_attempt_at = %s, "
+                "lease_until = NULL WHERE id = %s",
+                (next_attempt_at, event_id),
+            )
+            if cur.rowcount == 0:
+                raise NotFoundError(f"no event {event_id}")
+
+    async def add_delivery(self, request_id: str, delivery: Delivery) -> None:
+        """Append one attempt to the request's log."""
+        async with self._pool.connection() as conn:
+            await conn.execute(
+                "INSERT INTO deliveries (request_id, event_id, url, attempt, at, status_code, "
+                "error, webhook_id) VALUES (%s, %s, %s, %s, %s, %s, %s, %s)",
+                (
+                    request_id,
+                    delivery.event_id,
+                    delivery.url,
+                    delivery.attempt,
+                    delivery.at,
+                    delivery.status_code,
+                    delivery.error,
+                    delivery.webhook_id,
+                ),
+            )
+
+    async def list_deliveries(self, request_id: str) -> list[Delivery]:
+        """Return the request's attempts, oldest first."""
+        async with self._pool.connection() as conn:
+            cur = await conn.execute(
+                "SELECT event_id, url, attempt, at, status_code, error, webhook_id "
+                "FROM deliveries WHERE request_id = %s ORDER BY seq",
+                (request_id,),
+            )
+            return [
+                Delivery(
+                    event_id=r[0],
+                    url=r[1],
+                    attempt=r[2],
+                    at=r[3],
+                    status_code=r[4],
+                    error=r[5],
+                    webhook_id=r[6],
+                )
+                for r in await cur.fetchall()
+            ]
+
+
+# --------------------------------------------------------------------------
+# Queue
+# --------------------------------------------------------------------------
+
+# While leased, available_at = lease_until, so "ready" is one range scan of
+# one index; lease_until is kept too so a row says plainly why it waits.
+_QUEUE_DDL: Final = """
+CREATE TABLE IF NOT EXISTS queue_entries (
+    id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    item_id text NOT NULL,
+    available_at double precision NOT NULL,
+    lease_token text,
+    lease_until double precision,
+    consumer text,
+    deliveries integer NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS queue_entries_ready ON queue_entries (available_at, id)
+"""
+
+_CLAIM: Final = (
+    "WITH ready AS ("
+    "  SELECT id FROM queue_entries WHERE available_at <= %(now)s"
+    "  ORDER BY available_at, id LIMIT %(limit)s FOR UPDATE SKIP LOCKED"
+    ") UPDATE queue_entries q SET"
+    "  lease_token = q.id::text || '-' || replace(gen_random_uuid()::text, '-', ''),"
+    "  lease_until = %(until)s, available_at = %(until)s, consumer = %(consumer)s,"
+    "  deliveries = q.deliveries + 1 "
+    "FROM ready WHERE q.id = ready.id "
+    "RETURNING q.id, q.item_id, q.lease_token, q.deliveries"
+)
+
+
+def _token_row(token: str) -> int | None:
+    head, sep, _ = token.partition("-")
+    if not sep or not head.isdigit():
+        return None
+    return int(head)
+
+
+class PostgresQueue:
+    """An at-least-once queue of item ids in a PostgreSQL table; see `csvimg.backends.Queue`.
+
+    A claim leases ready rows with ``FOR UPDATE SKIP LOCKED`` and a fresh
+    token that embeds the row id, so ``ack`` / ``release`` / ``extend``
+    touch exactly that row and only while the lease is still this claim's.
+    Waiting consumers poll (50 ms growing to 250 ms) and wake at once when
+    this same object enqueues.
+    """
+
+    poll_min = 0.05
+    """First pause between polls of an empty queue (seconds)."""
+    poll_max = 0.25
+    """Longest pause between polls (seconds)."""
+
+    def __init__(self, url: str | PostgresURL) -> None:
+        self.url = parse_postgres_url(url) if isinstance(url, str) else url
+        self._pool = _Pool(self.url, _QUEUE_DDL)
+        self._wakeup: anyio.Event | None = None
+
+    @classmethod
+    def from_url(cls, url: str, settings: Settings) -> PostgresQueue:
+        """Build from ``postgresql://...`` (see `parse_postgres_url`)."""
+        return cls(url)
+
+    def __repr__(self) -> str:
+        return f"PostgresQueue({self.url.redacted()!r}, schema={self.url.schema!r})"
+
+    async def open(self) -> None:
+        """Create the queue table if needed."""
+        self._wakeup = None
+        await self._pool.open()
+
+    async def close(self) -> None:
+        """Close the connections (queued ids stay in the table)."""
+        await self._pool.close()
+
+    async def ping(self) -> None:
+        """Raise `StorageError` unless the database answers."""
+        await self._pool.ping()
+
+    def _wake(self) -> None:
+        if self._wakeup is not None:
+            self._wakeup.set()
+            self._wakeup = None
+
+    async def enqueue(self, item_ids: Sequence[str]) -> None:
+        """Add ids, ready now."""
+        if not item_ids:
+            return
+        at = now()
+        async with self._pool.connection() as conn:
+            cur = conn.cursor()
+            async with cur.copy("COPY queue_entries (item_id, available_at) FROM STDIN") as copy:
+                for item_id in item_ids:
+                    await copy.write_row((item_id, at))
+        self._wake()
+
+    async def _take(
+        self, consumer: str, max_items: int, lease_seconds: float
+    ) -> tuple[list[Claim], float | None]:
+        at = now()
+        async with self._pool.connection() as conn:
+            cur = await conn.execute(
+                _CLAIM,
+                {"now": at, "limit": max_items, "until": at + lease_seconds, "consumer": consumer},
+            )
+            rows = await cur.fetchall()
+            if rows:
+                rows.sort(key=lambda r: r[0])
+                claims = [Claim(item_id=r[1], token=r[2], deliveries=r[3]) for r in rows]
+                return claims, None
+            cur = await conn.execute("SELECT min(available_at) FROM queue_entries")
+            due = await cur.fetchone()
+        return [], None if due is None else due[0]
+
+    async def claim(
+        self, *, consumer: str, max_items: int, lease_seconds: float, wait: float
+    ) -> list[Claim]:
+        """Lease up to *max_items* ids, polling for up to *wait* seconds."""
+        deadline = anyio.current_time() + wait
+        pause = self.poll_min
+        while True:
+            claims, due = await self._take(consumer, max_items, lease_seconds)
+            remaining = deadline - anyio.current_time()
+            if claims or remaining <= 0:
+                return claims
+            sleep = min(pause, remaining)
+            if due is not None:
+                # Something is leased or delayed: wake when it comes due.
+                sleep = max(0.001, min(sleep, due - now()))
+            pause = min(pause * 1.5, self.poll_max)
+            if self._wakeup is None:
+                self._wakeup = anyio.Event()
+            with anyio.move_on_after(sleep):
+                await self._wakeup.wait()
+
+    async def _update(self, claim: Claim, query: str, *params: Any) -> None:
+        rid = _token_row(claim.token)
+        if rid is None:
+            return
+        async with self._pool.connection() as conn:
+            await conn.execute(query, (*params, rid, claim.token))
+
+    async def ack(self, claim: Claim) -> None:
+        """Delete the id, if this claim still holds it."""
+        await self._update(claim, "DELETE FROM queue_entries WHERE id = %s AND lease_token = %s")
+
+    async def release(self, claim: Claim, *, delay: float = 0.0) -> None:
+        """Hand the id back, ready again after *delay* seconds."""
+        await self._update(
+            claim,
+            "UPDATE queue_entries SET lease_token = NULL, lease_until = NULL, consumer = NULL, "
+            "available_at = %s WHERE id = %s AND lease_token = %s",
+            now() + delay,
+        )
+        self._wake()
+
+    async def extend(self, claim: Claim, *, lease_seconds: float) -> None:
+        """Hold the id *lease_seconds* more, if this claim still holds it."""
+        until = now() + lease_seconds
+        await self._update(
+            claim,
+            "UPDATE queue_entries SET lease_until = %s, available_at = %s "
+            "WHERE id = %s AND lease_token = %s",
+            until,
+            until,
+        )
+
+    async def depth(self) -> int:
+        """Count waiting plus leased ids."""
+        async with self._pool.connection() as conn:
+            cur = await conn.execute("SELECT count(*) FROM queue_entries")
+            row = await cur.fetchone()
+        return 0 if row is None else int(row[0])
+
+
+# --------------------------------------------------------------------------
+# The plugin
+# --------------------------------------------------------------------------
+
+
+# --8<-- [start:hook]
+@hookimpl
+def csvimg_register_backends(registry: BackendRegistry) -> None:
+    """Serve ``postgresql://`` and ``postgres://`` for storage and queue."""
+    for scheme in SCHEMES:
+        registry.add_storage(scheme, PostgresStorage.from_url)
+        registry.add_queue(scheme, PostgresQueue.from_url)
+
+
+# --8<-- [end:hook]

@@ -1,0 +1,28 @@
+"""csvimg's contract suite, run on the PostgreSQL backends: this is all it takes."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import pytest
+from csvimg.testing import QueueContract, StorageContract
+
+from csvimg_postgres import PostgresQueue, PostgresStorage
+
+
+class TestPostgresStorage(StorageContract):
+    @pytest.fixture
+    async def storage(self, schema_url: str) -> AsyncIterator[PostgresStorage]:
+        backend = PostgresStorage(schema_url)
+        await backend.open()
+        yield backend
+        await backend.close()
+
+
+class TestPostgresQueue(QueueContract):
+    @pytest.fixture
+    async def queue(self, schema_url: str) -> AsyncIterator[PostgresQueue]:
+        backend = PostgresQueue(schema_url)
+        await backend.open()
+        yield backend
+        await backend.close()
