@@ -177,3 +177,21 @@ def test_sync_embedding_example(host: ImageHost, tmp_path: object) -> None:
 
     out = anyio.run(main)
     assert b"Output Image Urls" in out
+
+
+async def test_sweep_requeues_items_lost_between_store_and_enqueue(host: ImageHost) -> None:
+    """A process that dies after storing a request but before enqueuing it."""
+    settings = _settings(host, stale_after=0.2)
+    assert Settings.from_env({"CSVIMG_STALE_AFTER": "0.2"}).stale_after == 0.2
+    async with Engine(settings) as engine:
+        manifest = await engine.parse(_csv([("1", "A", host.url("/a.jpg"))]))
+        request = await engine.submit(manifest)
+        # lose the queue message, as a crash right after storing would
+        [claim] = await engine.queue.claim(consumer="x", max_items=1, lease_seconds=60, wait=1)
+        await engine.queue.ack(claim)
+        assert await engine.sweep() == 0  # not stale yet
+        await anyio.sleep(0.3)
+        assert await engine.sweep() == 1
+        assert await engine.sweep() == 0  # touched: not returned twice in a window
+        finished = await engine.run_until_finished(request.id, timeout=30)
+        assert (finished.done, finished.failed) == (1, 0)

@@ -491,7 +491,7 @@ class Engine:
         s = self.settings
         at = now()
         ids = await self.storage.stale_items(
-            now=at, pending_before=at - max(900.0, 10 * s.lease_seconds), limit=10_000
+            now=at, pending_before=at - s.stale_after, limit=10_000
         )
         if ids:
             await self.queue.enqueue(ids)

@@ -91,6 +91,14 @@ class Settings:
     """Attempts per item across retryable errors and worker deaths."""
     sweep_interval: float = 30.0
     """How often a worker looks for items that fell out of the queue."""
+    stale_after: float = 900.0
+    """How long an item may wait PENDING before the sweeper enqueues it again.
+
+    Covers a process that died between storing a request and enqueuing it,
+    and brokers that can drop a message (kombu's Redis transport when a
+    worker is killed at the wrong instant). Longer than any normal backlog
+    wait, since a re-enqueued id is only wasted work, never double counting.
+    """
     webhook_schedule: tuple[float, ...] = DEFAULT_WEBHOOK_SCHEDULE
     webhook_timeout: float = 15.0
     webhook_secret: str = attrs.field(factory=lambda: _new_secret())
@@ -134,6 +142,7 @@ class Settings:
         values["concurrency"] = max(1, _env_int(env, "CSVIMG_CONCURRENCY", 32))
         values["codec_threads"] = max(1, _env_int(env, "CSVIMG_CODEC_THREADS", os.cpu_count() or 1))
         values["lease_seconds"] = _env_float(env, "CSVIMG_LEASE_SECONDS", 60.0)
+        values["stale_after"] = _env_float(env, "CSVIMG_STALE_AFTER", 900.0)
         values["max_attempts"] = max(1, _env_int(env, "CSVIMG_MAX_ATTEMPTS", 5))
         values["webhook_timeout"] = _env_float(env, "CSVIMG_WEBHOOK_TIMEOUT", 15.0)
         if env.get("CSVIMG_WEBHOOK_SECRET"):
