@@ -408,7 +408,8 @@ def _json_lines(text: str) -> list[dict[str, object]]:
 
 def test_serve_logs_throughput_as_json(tmp_path: Path, photo_host: ImageHost) -> None:
     source = _slow_csv(tmp_path, photo_host, 3, 0.2)
-    args = ["--log-format", "json", "--stats-interval", "0.2", "--concurrency", "1"]
+    args = ["--log-format", "json", "--stats-interval", "0.2", "--concurrency", "1",
+            "--workers", "1"]
     with ServeProcess(tmp_path / "data", env={"CSVIMG_FETCH_ALLOW": photo_host.allow},
                       args=args) as server, httpx.Client(timeout=10) as client:
         server.wait_ready()

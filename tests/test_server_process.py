@@ -110,7 +110,8 @@ def test_kill_9_mid_request_then_restart_completes_exactly_once(
     total, concurrency = 10, 2
     paths = _slow_host(photo_host, total, delay=0.4)
     env = {"CSVIMG_FETCH_ALLOW": photo_host.allow, "CSVIMG_LEASE_SECONDS": "1.5"}
-    args = ["--concurrency", str(concurrency)]
+    # One worker, inside the server process: the kill takes all of it down.
+    args = ["--concurrency", str(concurrency), "--workers", "1"]
     rows = [[str(n), f"P{n}", photo_host.url(p)] for n, p in enumerate(paths)]
     with httpx.Client(timeout=10) as client:
         with ServeProcess(data, env=env, args=args) as first:
@@ -197,3 +198,45 @@ def test_worker_process_next_to_api_only_server(tmp_path: Path, photo_host: Imag
             assert status["status"] == "COMPLETED", log
         finally:
             assert api.stop() == 0, api.log()
+
+
+def _children(pid: int) -> list[int]:
+    path = Path(f"/proc/{pid}/task/{pid}/children")
+    return [int(p) for p in path.read_text().split()] if path.exists() else []
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return state != "Z"
+
+
+def test_serve_runs_extra_workers_as_child_processes(
+    tmp_path: Path, photo_host: ImageHost
+) -> None:
+    data = tmp_path / "data"
+    env = {"CSVIMG_FETCH_ALLOW": photo_host.allow}
+    rows = [[str(n), f"P{n}", photo_host.url("/a.jpg")] for n in range(6)]
+    with httpx.Client(timeout=10) as client:
+        with ServeProcess(data, env=env, args=["--workers", "3"]) as server:
+            server.wait_ready()
+            wait_until(lambda: len(_children(server.proc.pid)) == 2, what="two worker children")
+            kids = _children(server.proc.pid)
+            response = client.post(server.url + "/api/v1/upload",
+                                   files={"file": ("k.csv", make_csv(rows), "text/csv")})
+            request_id = response.json()["request_id"]
+            final = wait_finished(client, server.url, request_id)
+            assert final["progress"] == {"total": 6, "done": 6, "failed": 0}
+            assert server.stop() == 0, server.log()
+            assert not any(_alive(k) for k in kids)  # stopped with the server
+            assert "started 2 worker process(es)" in server.log()
+
+        # A server killed with SIGKILL takes its children with it.
+        with ServeProcess(data, env=env, args=["--workers", "2"]) as server:
+            server.wait_ready()
+            wait_until(lambda: len(_children(server.proc.pid)) == 1, what="a worker child")
+            [kid] = _children(server.proc.pid)
+            server.kill()
+            wait_until(lambda: not _alive(kid), timeout=30, what="the orphan to stop")

@@ -26,6 +26,7 @@ import logging
 import math
 import os
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -37,6 +38,7 @@ from urllib.parse import quote
 import anyio
 
 from csvimg._errors import ConfigError, ManifestError, StorageError
+from csvimg.plugins import scheme_of
 from csvimg.settings import Settings
 
 if TYPE_CHECKING:
@@ -230,12 +232,19 @@ def cmd_serve(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     interval = _stats_interval(args, env, sys.stderr)
     host = _env_or(args.host, env, "CSVIMG_HOST") or DEFAULT_HOST
     port = _int_option(args.port, env, "CSVIMG_PORT", DEFAULT_PORT, 0)
-    workers = _int_option(args.workers, env, "CSVIMG_WORKERS", 1, 0)
+    workers = _int_option(args.workers, env, "CSVIMG_WORKERS", os.cpu_count() or 1, 0)
     settings = _backend_settings(args, env)
+    # One Python process keeps about one core busy (the event loop's work
+    # around the codec holds the GIL), so workers beyond the first run as
+    # `csvimg worker` children on the same backends. memory:// cannot be
+    # shared between processes: there every worker loop stays in here.
+    shared = scheme_of(settings.storage_url) != "memory" and scheme_of(
+        settings.effective_queue_url) != "memory"
+    children = max(0, workers - 1) if shared else 0
     try:
         app = create_app(
             settings,
-            workers=workers,
+            workers=workers - children,
             shutdown_grace=args.shutdown_timeout,
             api_keys=env.get("CSVIMG_API_KEYS"),
         )
@@ -244,9 +253,9 @@ def cmd_serve(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     tally = Tally()
     app.state.engine.on_item(tally.record)
     log.info(
-        "csvimg serve: storage %s, queue %s, blobs %s, %d worker loop(s)",
+        "csvimg serve: storage %s, queue %s, blobs %s, %d worker(s) (%d in child processes)",
         _redact(settings.storage_url), _redact(settings.effective_queue_url),
-        _redact(settings.blobs_url), workers,
+        _redact(settings.blobs_url), workers, children,
     )
     config = uvicorn.Config(
         app,
@@ -262,12 +271,77 @@ def cmd_serve(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     )
     server = uvicorn.Server(config)
     _quiet_signals()
+    procs = _start_worker_children(children, args, env, settings)
     try:
         with ThroughputLog(tally, interval, log):
             server.run()
     except SystemExit as exc:  # uvicorn exits when it cannot bind or start the app
         return EXIT_FAILED if exc.code else EXIT_OK
+    finally:
+        _stop_worker_children(procs, args.shutdown_timeout)
     return EXIT_OK if server.started else EXIT_FAILED
+
+
+def _die_with_parent() -> None:  # pragma: no cover - runs in the child before exec
+    """Ask Linux to SIGTERM this child when its parent dies (even by SIGKILL)."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        pr_set_pdeathsig = 1
+        libc.prctl(pr_set_pdeathsig, signal.SIGTERM)
+    except (OSError, AttributeError):
+        pass  # not Linux: children are still stopped on a normal exit
+
+
+def _start_worker_children(
+    count: int, args: argparse.Namespace, env: Mapping[str, str], settings: Settings
+) -> list[subprocess.Popen[bytes]]:
+    """Start *count* ``csvimg worker`` processes on the server's backends.
+
+    Backend URLs travel in the environment, not the command line, where
+    any user could read a password from the process list.
+    """
+    if count <= 0:
+        return []
+    child_env = {
+        **env,
+        "CSVIMG_STORAGE": settings.storage_url,
+        "CSVIMG_QUEUE": settings.effective_queue_url,
+        "CSVIMG_BLOBS": settings.blobs_url,
+        "CSVIMG_WEBHOOK_SECRET": settings.webhook_secret,
+        "CSVIMG_CONCURRENCY": str(settings.concurrency),
+    }
+    if settings.public_url:
+        child_env["CSVIMG_PUBLIC_URL"] = settings.public_url
+    argv = [sys.executable, "-m", "csvimg_server", "worker",
+            "--data-dir", str(_data_dir(args, env)),
+            "--shutdown-timeout", str(args.shutdown_timeout)]
+    for option in ("log_level", "log_format", "stats_interval"):
+        value = getattr(args, option, None)
+        if value is not None:
+            argv += ["--" + option.replace("_", "-"), str(value)]
+    procs = [
+        subprocess.Popen(argv, env=child_env, preexec_fn=_die_with_parent)  # noqa: S603
+        for _ in range(count)
+    ]
+    log.info("started %d worker process(es): pids %s", count, ", ".join(str(p.pid) for p in procs))
+    return procs
+
+
+def _stop_worker_children(procs: Sequence[subprocess.Popen[bytes]], grace: float) -> None:
+    """SIGTERM the children (they finish in-flight images), then wait; SIGKILL late ones."""
+    for proc in procs:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + grace + 5
+    for proc in procs:
+        try:
+            proc.wait(max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            log.warning("worker process %d did not stop in time: killed", proc.pid)
+            proc.kill()
+            proc.wait()
 
 
 def _redact(url: str) -> str:
@@ -687,8 +761,9 @@ def build_parser() -> argparse.ArgumentParser:
                                        f"default {DEFAULT_HOST})")
     serve.add_argument("--port", type=int, help=f"port (env CSVIMG_PORT; default {DEFAULT_PORT})")
     serve.add_argument("--workers", type=int, metavar="N",
-                       help="in-process worker loops (env CSVIMG_WORKERS; default 1; "
-                            "0 = API only)")
+                       help="workers processing images (env CSVIMG_WORKERS; default: one per "
+                            "core; 0 = API only): the first runs in the server process, the "
+                            "others as 'csvimg worker' child processes on the same backends")
     serve.add_argument("--public-url", metavar="URL",
                        help="base of the URLs the API hands out, e.g. https://img.example.com "
                             "(env CSVIMG_PUBLIC_URL; default: the request's own host)")
