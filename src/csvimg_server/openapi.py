@@ -388,7 +388,12 @@ _PATHS: Final[dict[str, Any]] = {
                     "name": "offset",
                     "in": "query",
                     "required": False,
-                    "schema": {"type": "integer", "minimum": 0, "default": 0},
+                    "schema": {
+                        "type": "integer",
+                        "minimum": 0,
+                        "maximum": 2**62,
+                        "default": 0,
+                    },
                 },
                 {
                     "name": "limit",
