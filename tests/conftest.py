@@ -10,7 +10,12 @@ from __future__ import annotations
 import os
 
 import pytest
-from hypothesis import HealthCheck, settings
+
+# The shipped contract suite's asserts live in an installed module: have
+# pytest rewrite them so failures show values (before anything imports it).
+pytest.register_assert_rewrite("csvimg.testing")
+
+from hypothesis import HealthCheck, settings  # noqa: E402
 
 settings.register_profile(
     "ci", max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow]

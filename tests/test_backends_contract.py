@@ -7,15 +7,11 @@ from pathlib import Path
 
 import pytest
 
-# The contract's asserts live in an installed module: have pytest rewrite
-# them so failures show values (a third-party conftest.py does the same).
-pytest.register_assert_rewrite("csvimg.testing")
-
-from csvimg.backends import BlobStore, Queue, Storage  # noqa: E402
-from csvimg.backends.files import FileBlobStore  # noqa: E402
-from csvimg.backends.memory import MemoryBlobStore, MemoryQueue, MemoryStorage  # noqa: E402
-from csvimg.backends.sqlite import SqliteQueue, SqliteStorage  # noqa: E402
-from csvimg.testing import (  # noqa: E402
+from csvimg.backends import BlobStore, Queue, Storage
+from csvimg.backends.files import FileBlobStore
+from csvimg.backends.memory import MemoryBlobStore, MemoryQueue, MemoryStorage
+from csvimg.backends.sqlite import SqliteQueue, SqliteStorage
+from csvimg.testing import (
     BlobStoreContract,
     QueueContract,
     StorageContract,

@@ -494,6 +494,48 @@ def test_webhook_receiver_down_for_a_while_then_up(tmp_path: Path) -> None:
             assert api.stop() == 0, api.log()
 
 
+def test_webhook_survives_a_server_restart_while_the_receiver_is_down(tmp_path: Path) -> None:
+    """The outbox is durable: the event recorded before a SIGKILL is sent after the restart."""
+    from standardwebhooks import Webhook as Verifier
+
+    receiver = Receiver(free_port())
+    hook = f"http://127.0.0.1:{receiver.port}/hook"
+    data = tmp_path / "data"
+    with ImageHost() as host, httpx.Client(timeout=10) as client:
+        urls = _photos(host, 2, delay=0)
+        env = {"CSVIMG_FETCH_ALLOW": f"{host.allow},127.0.0.1:{receiver.port}",
+               "CSVIMG_WEBHOOK_SCHEDULE": "0.3,0.3,0.3,0.3,0.3,0.3,0.3,0.3,0.3,0.3"}
+        with ServeProcess(data, env=env, args=["--workers", "1"]) as first:
+            first.wait_ready()
+            request_id = _upload(client, first.url, urls, callback_url=hook)
+            assert wait_finished(client, first.url, request_id)["status"] == "COMPLETED"
+            deliveries = f"{first.url}/api/v1/requests/{request_id}/deliveries"
+            wait_until(lambda: len(client.get(deliveries).json()["deliveries"]) >= 1,
+                       timeout=15, what="a failed delivery")
+            first.kill()  # no shutdown: the event is only in the outbox
+        receiver.start()
+        try:
+            with ServeProcess(data, env=env, args=["--workers", "1"]) as second:
+                second.wait_ready()
+                wait_until(lambda: bool(receiver.received), timeout=20, what="the event")
+                time.sleep(1.0)
+                [(headers, body)] = receiver.received  # once, after the restart
+                history = client.get(
+                    f"{second.url}/api/v1/requests/{request_id}/deliveries"
+                ).json()["deliveries"]
+                assert history[0]["error"].startswith("connect-error")
+                assert history[-1]["status_code"] == 204
+                assert {a["event_id"] for a in history} == {headers["webhook-id"]}
+                assert second.stop() == 0, second.log()
+        finally:
+            receiver.stop()
+    secret = (data / "webhook-secret").read_text().strip()
+    from csvimg.webhooks import request_secret
+
+    payload = Verifier(request_secret(secret, request_id)).verify(body, headers)
+    assert payload["data"]["request_id"] == request_id
+
+
 # ---------------------------------------------------- API killed mid-upload
 
 

@@ -372,3 +372,35 @@ async def test_unusable_paths(tmp_path: Path) -> None:
     (tmp_path / "dir.db").mkdir()
     with pytest.raises(StorageError):
         await SqliteQueue(tmp_path / "dir.db").open()
+
+
+async def test_point_reads_run_inline_and_fall_back_when_busy(tmp_path: Path) -> None:
+    """get_request/get_item read on the loop; a busy database falls back to a thread."""
+    storage = SqliteStorage(tmp_path / "inline.db")
+    await storage.open()
+    try:
+        request, rows, items = sample_request(1, 1)
+        await storage.create_request(request, rows, items)
+        # Another process-like connection holds the write lock: WAL readers go on.
+        other = sqlite3.connect(tmp_path / "inline.db", isolation_level=None)
+        other.execute("BEGIN EXCLUSIVE")
+        try:
+            started = time.monotonic()
+            found = await storage.get_request(request.id)
+            assert found is not None and found.id == request.id
+            assert time.monotonic() - started < 1.0
+        finally:
+            other.execute("ROLLBACK")
+            other.close()
+
+        class Busy:
+            in_transaction = False
+
+            def execute(self, *args: object) -> None:
+                raise sqlite3.OperationalError("database is locked")
+
+        storage._db._inline = Busy()  # type: ignore[assignment]
+        assert (await storage.get_item(items[0].id)) == items[0]  # via the thread pool
+    finally:
+        storage._db._inline = None
+        await storage.close()

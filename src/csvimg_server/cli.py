@@ -229,6 +229,7 @@ def cmd_serve(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     from csvimg_server.app import create_app
 
     level = _setup_logging(args, env)
+    _tune_pillow(env)
     interval = _stats_interval(args, env, sys.stderr)
     host = _env_or(args.host, env, "CSVIMG_HOST") or DEFAULT_HOST
     port = _int_option(args.port, env, "CSVIMG_PORT", DEFAULT_PORT, 0)
@@ -280,6 +281,19 @@ def cmd_serve(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     finally:
         _stop_worker_children(procs, args.shutdown_timeout)
     return EXIT_OK if server.started else EXIT_FAILED
+
+
+def _tune_pillow(env: Mapping[str, str]) -> None:
+    """Let Pillow keep freed image blocks for reuse (``PILLOW_BLOCKS_MAX``).
+
+    Pillow maps fresh memory for every image by default; keeping 16 blocks
+    measured 12 MP peaks at 314-319 MB instead of 370-429 MB (bench/).
+    An explicit ``PILLOW_BLOCKS_MAX`` wins: Pillow has read it already.
+    """
+    if "PILLOW_BLOCKS_MAX" not in env:
+        from PIL import _imaging  # the C core that Image.core names
+
+        _imaging.set_blocks_max(16)
 
 
 def _die_with_parent() -> None:  # pragma: no cover - runs in the child before exec
@@ -359,6 +373,7 @@ def cmd_worker(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     from csvimg_server._process import Tally, ThroughputLog
 
     _setup_logging(args, env)
+    _tune_pillow(env)
     interval = _stats_interval(args, env, sys.stderr)
     settings = _backend_settings(args, env)
     tally = Tally()

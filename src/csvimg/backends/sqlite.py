@@ -148,6 +148,7 @@ class _Database:
         self._idle: list[sqlite3.Connection] = []
         self._limiter: anyio.CapacityLimiter | None = None
         self._write_lock: anyio.Lock | None = None
+        self._inline: sqlite3.Connection | None = None
         self._open = False
 
     def _connect(self) -> sqlite3.Connection:
@@ -203,6 +204,35 @@ class _Database:
             self._limiter = anyio.CapacityLimiter(self.max_connections)
         return await anyio.to_thread.run_sync(self.call, fn, limiter=self._limiter)
 
+    async def read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Run a short read (*fn*: a primary-key lookup) on the calling thread.
+
+        A thread hop costs more than such a read, and in WAL mode a reader
+        does not wait for writers. The dedicated connection gives up after
+        a few milliseconds when SQLite is busy anyway (WAL recovery, a
+        checkpoint holding a lock), and the read then goes through the
+        thread pool, so the event loop is never held for long.
+        """
+        conn = self._inline
+        if conn is None:
+            with self._lock:
+                if not self._open:
+                    raise StorageError(f"sqlite database {self.path} is closed")
+            try:
+                conn = self._connect()
+                conn.execute("PRAGMA busy_timeout = 5")
+            except sqlite3.Error as exc:
+                raise StorageError(_describe(exc, self.path, self.busy_timeout)) from exc
+            self._inline = conn
+        try:
+            return fn(conn)
+        except sqlite3.OperationalError:
+            if conn.in_transaction:  # pragma: no cover - reads open none
+                conn.rollback()
+            return await self.run(fn)  # busy or locked: wait in a thread instead
+        except sqlite3.Error as exc:
+            raise StorageError(_describe(exc, self.path, self.busy_timeout)) from exc
+
     async def write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         """Run *fn* inside one ``BEGIN IMMEDIATE`` transaction.
 
@@ -256,6 +286,9 @@ class _Database:
         with self._lock:
             self._open = False
             idle, self._idle = self._idle, []
+        if self._inline is not None:
+            idle.append(self._inline)
+            self._inline = None
         for conn in idle:
             conn.close()
 
@@ -575,8 +608,8 @@ class SqliteStorage:
         await self._db.write(insert)
 
     async def get_request(self, request_id: str) -> Request | None:
-        """Return the request or None."""
-        return await self._db.run(lambda conn: _get_request(conn, request_id))
+        """Return the request or None (read on the event loop: see `_Database.read`)."""
+        return await self._db.read(lambda conn: _get_request(conn, request_id))
 
     async def list_requests(self, *, owner: str | None = None, limit: int = 50) -> list[Request]:
         """Newest first (of *owner* when given)."""
@@ -629,8 +662,8 @@ class SqliteStorage:
         return await self._db.run(query)
 
     async def get_item(self, item_id: str) -> Item | None:
-        """Return the item or None."""
-        return await self._db.run(lambda conn: _get_item(conn, item_id))
+        """Return the item or None (read on the event loop: see `_Database.read`)."""
+        return await self._db.read(lambda conn: _get_item(conn, item_id))
 
     async def start_item(self, item_id: str, *, lease_seconds: float) -> Item | None:
         """Lease the item (see the protocol), in one write transaction."""

@@ -1,0 +1,1 @@
+"""Benchmarks of csvimg: ``python -m bench`` (see bench/README.md)."""
