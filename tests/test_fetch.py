@@ -7,12 +7,11 @@ import ipaddress
 import logging
 import socket
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
-import anyio
-import httpcore
 import pytest
+from aiohappyeyeballs import AddrInfoType
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -57,38 +56,24 @@ def sniff(head: bytes) -> str | None:
     return None
 
 
-class RecordingBackend(httpcore.AsyncNetworkBackend):
-    """Opens real sockets, but only to loopback, and records every attempt.
+class RecordingBackend:
+    """A socket factory that opens sockets only for loopback and records them.
 
-    It sits under the guard: an entry in ``connects`` means the guard let a
+    It sits under the guard (aiohttp calls it with the address it is about
+    to connect to): an entry in ``connects`` means the guard let a
     connection through. Anything but loopback is refused with an
     AssertionError, so even a broken guard never sends a packet elsewhere.
     """
 
     def __init__(self) -> None:
         self.connects: list[tuple[str, int]] = []
-        self._inner = httpcore.AnyIOBackend()
 
-    async def connect_tcp(
-        self,
-        host: str,
-        port: int,
-        timeout: float | None = None,
-        local_address: str | None = None,
-        socket_options: Iterable[Any] | None = None,
-    ) -> httpcore.AsyncNetworkStream:
+    def __call__(self, addr_info: AddrInfoType) -> socket.socket:
+        family, type_, proto, _, sockaddr = addr_info
+        host, port = str(sockaddr[0]), int(sockaddr[1])
         self.connects.append((host, port))
         assert host in ("127.0.0.1", "::1"), f"the guard let through a connection to {host}"
-        return await self._inner.connect_tcp(
-            host,
-            port,
-            timeout=timeout,
-            local_address=local_address,
-            socket_options=socket_options,
-        )
-
-    async def sleep(self, seconds: float) -> None:
-        await anyio.sleep(seconds)
+        return socket.socket(family, type_, proto)
 
 
 class FakeDNS:
@@ -134,7 +119,7 @@ async def make_fetcher(
     made: list[Fetcher] = []
 
     def make(p: FetchPolicy | None = None, **kwargs: Any) -> Fetcher:
-        fetcher = Fetcher(p or policy(), network_backend=backend, **kwargs)
+        fetcher = Fetcher(p or policy(), socket_factory=backend, **kwargs)
         made.append(fetcher)
         return fetcher
 
@@ -224,6 +209,25 @@ async def test_connection_goes_to_the_checked_address(
     assert backend.connects == [("127.0.0.1", host.port)]
     [request] = host.requests
     assert request.header("host") == f"img.test:{host.port}"
+
+
+async def test_no_dns_cache_lets_an_answer_skip_a_port_rule(
+    host: ImageHost, make_fetcher: Callable[..., Fetcher], backend: RecordingBackend
+) -> None:
+    # img.test is trusted on host.port only. Its answer for that port must
+    # not be reused, unchecked, for a connection to another port.
+    host.add("/a.jpg", JPEG, content_type="image/jpeg")
+    dns = FakeDNS({"img.test": ["127.0.0.1"]})
+    fetcher = make_fetcher(policy(f"img.test:{host.port}"), resolver=dns)
+    assert (await fetcher.fetch(host.url("/a.jpg", host="img.test"))).data == JPEG
+    with ImageHost() as other:
+        other.add("/a.jpg", JPEG)
+        error = await fetch_error(fetcher, other.url("/a.jpg", host="img.test"))
+        assert other.hits["/a.jpg"] == 0
+        other_port = other.port
+    assert error.code == "blocked-address"
+    assert dns.lookups == [("img.test", host.port), ("img.test", other_port)]
+    assert backend.connects == [("127.0.0.1", host.port)]
 
 
 async def test_unknown_name_is_a_dns_error(make_fetcher: Callable[..., Fetcher]) -> None:

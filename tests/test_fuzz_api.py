@@ -23,14 +23,14 @@ from __future__ import annotations
 
 import ipaddress
 import socket
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import anyio
-import httpcore
 import httpx
 import pytest
 import schemathesis
+from aiohappyeyeballs import AddrInfoType
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from schemathesis import GenerationMode
@@ -82,14 +82,8 @@ async def _no_dns(host: str, port: int) -> list[str]:
     raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
 
 
-async def _no_connections(
-    self: httpcore.AnyIOBackend,
-    host: str,
-    port: int,
-    timeout: float | None = None,
-    local_address: str | None = None,
-    socket_options: Iterable[Any] | None = None,
-) -> httpcore.AsyncNetworkStream:
+def _no_connections(addr_info: AddrInfoType) -> socket.socket:
+    host, port = addr_info[4][0], addr_info[4][1]
     raise AssertionError(f"the fuzzed server tried to connect to {host}:{port}")
 
 
@@ -98,7 +92,7 @@ def server() -> Iterator[ThreadServer]:
     """The API on memory backends, no workers, no DNS, no outgoing connections."""
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(csvimg.fetch, "_system_resolve", _no_dns)
-        patch.setattr(httpcore.AnyIOBackend, "connect_tcp", _no_connections)
+        patch.setattr(csvimg.fetch, "_open_socket", _no_connections)
         app = create_app(Settings(fetch=FetchPolicy(retries=0)), workers=0)
         with ThreadServer(app) as srv:
             # Something to find: one request and one webhook registration.

@@ -23,13 +23,13 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import httpcore
 import httpx
 import pytest
+from aiohappyeyeballs import AddrInfoType
 
 import csvimg.fetch
 import images
@@ -67,25 +67,16 @@ def tripwire(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, int]]:
     with ``internal-error`` and the test's assertions say why).
     """
     seen: list[tuple[str, int]] = []
-    original = httpcore.AnyIOBackend.connect_tcp
+    original = csvimg.fetch._open_socket
 
-    async def connect_tcp(
-        self: httpcore.AnyIOBackend,
-        host: str,
-        port: int,
-        timeout: float | None = None,
-        local_address: str | None = None,
-        socket_options: Iterable[Any] | None = None,
-    ) -> httpcore.AsyncNetworkStream:
+    def open_socket(addr_info: AddrInfoType) -> socket.socket:
+        host, port = str(addr_info[4][0]), int(addr_info[4][1])
         seen.append((host, port))
         if host not in LOOPBACK:
             raise AssertionError(f"the SSRF guard let a connection to {host}:{port} through")
-        return await original(
-            self, host, port, timeout=timeout, local_address=local_address,
-            socket_options=socket_options,
-        )
+        return original(addr_info)
 
-    monkeypatch.setattr(httpcore.AnyIOBackend, "connect_tcp", connect_tcp)
+    monkeypatch.setattr(csvimg.fetch, "_open_socket", open_socket)
     return seen
 
 

@@ -84,7 +84,7 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=1500)
     parser.add_argument("--work", type=Path, default=Path("bench/_work"))
     args = parser.parse_args()
-    clients = {"csvimg Fetcher (httpx)": csvimg_fetcher}
+    clients = {"csvimg Fetcher": csvimg_fetcher}
     for name, fn, module in (
         ("aiohttp", plain_aiohttp, "aiohttp"),
         ("httpx + httpx-aiohttp", httpx_aiohttp, "httpx_aiohttp"),

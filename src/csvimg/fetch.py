@@ -1,4 +1,4 @@
-"""The safe image fetcher: httpx on anyio, with an SSRF guard.
+"""The safe image fetcher: aiohttp on asyncio, with an SSRF guard.
 
 A URL taken from an uploaded CSV is hostile until proven otherwise. The
 fetcher therefore:
@@ -8,8 +8,11 @@ fetcher therefore:
   the address they mean, the way browsers and ``getaddrinfo`` do;
 * resolves the host itself, checks **every** address it resolves to
   (`resolve_checked`, `is_public_address`) and then connects to exactly
-  those addresses: the check lives in the network backend that opens the
-  sockets, so nothing can resolve the name a second time (no DNS rebinding);
+  those addresses: the check lives in the resolver of aiohttp's connector
+  (`_GuardedResolver`, DNS cache off), which hands the connector the only
+  addresses it may open sockets to, so nothing can resolve the name a
+  second time (no DNS rebinding); IP-literal hosts, which aiohttp does not
+  resolve, are checked before each request;
 * follows redirects by hand, so every hop goes through the same check,
   and stops after `FetchPolicy.max_redirects`;
 * streams the body under a byte cap, lets the caller abort after the first
@@ -56,24 +59,22 @@ import random
 import socket
 import ssl
 import time
-from collections.abc import (
-    AsyncIterable,
-    AsyncIterator,
-    Awaitable,
-    Callable,
-    Iterable,
-    Iterator,
-    Mapping,
-)
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
 from importlib import metadata
 from types import TracebackType
 from typing import Any, Final, Self, TypeAlias
 from urllib.parse import SplitResult, urljoin, urlsplit
 
+import aiohttp
+import aiohttp.abc
+import aiohttp.client
 import anyio
 import attrs
-import httpcore
 import httpx
+import yarl
+from aiohappyeyeballs import AddrInfoType
+from aiohttp.abc import ResolveResult
+from aiohttp.http_exceptions import ContentEncodingError
 
 from csvimg._errors import ConfigError, FetchError
 
@@ -87,8 +88,8 @@ __all__ = [
     "FetchPolicy",
     "Fetched",
     "Fetcher",
-    "GuardedTransport",
     "Resolver",
+    "SocketFactory",
     "check_url",
     "is_public_address",
     "parse_allow",
@@ -370,7 +371,7 @@ def _parse_allow_entry(entry: str) -> AllowRule:
     if entry.startswith("["):
         raise ConfigError(f"bad {ENV_ALLOW} entry {entry!r}: brackets hold an IPv6 address")
     name = _normal_name(host)
-    # Names are compared with the URL's host as httpx sends it, which is
+    # Names are compared with the URL's host as aiohttp sends it, which is
     # ASCII (IDNA-encoded): accept the same alphabet, nothing looser.
     if not name or not set(name) <= _HOST_CHARS or ".." in name:
         raise ConfigError(
@@ -597,176 +598,81 @@ async def resolve_checked(
 
 
 # --------------------------------------------------------------------------
-# The transport: the check sits where the sockets are opened
+# The connector: the check sits where the sockets are opened
+
+SocketFactory: TypeAlias = Callable[[AddrInfoType], socket.socket]
+"""``(family, type, proto, canonname, sockaddr) -> socket``: opens the sockets.
+
+aiohttp (through aiohappyeyeballs) calls it for every connection attempt,
+with an address the guard has already approved, and connects the socket it
+returns. Tests pass one that records where connections go.
+"""
 
 
-class _GuardedBackend(httpcore.AsyncNetworkBackend):
-    """Opens TCP connections only to addresses `resolve_checked` approved.
+def _open_socket(addr_info: AddrInfoType) -> socket.socket:
+    """The default `SocketFactory`: a plain socket (tests patch this)."""
+    family, type_, proto, _, _ = addr_info
+    return socket.socket(family=family, type=type_, proto=proto)
 
-    httpcore hands the backend the URL's host name; resolving it here, and
-    connecting to the very addresses just checked, leaves no second lookup
-    an attacker's DNS could answer differently.
+
+def _default_socket_factory(addr_info: AddrInfoType) -> socket.socket:
+    # Looked up at call time, so a test's patch reaches Fetchers built earlier.
+    return _open_socket(addr_info)
+
+
+class _GuardedResolver(aiohttp.abc.AbstractResolver):
+    """aiohttp's resolver: returns only addresses `resolve_checked` approved.
+
+    aiohttp's connector hands the resolver the URL's host name and port and
+    connects to exactly the addresses returned; resolving here, with the DNS
+    cache off, leaves no second lookup an attacker's DNS could answer
+    differently. The `FetchError` raised for a refused address is no
+    `OSError`, so aiohttp lets it through unwrapped.
     """
 
-    def __init__(
-        self,
-        policy: FetchPolicy,
-        resolver: Resolver | None,
-        inner: httpcore.AsyncNetworkBackend,
-    ) -> None:
+    def __init__(self, policy: FetchPolicy, resolver: Resolver | None) -> None:
         self._policy = policy
         self._resolver = resolver
-        self._inner = inner
 
-    async def connect_tcp(
-        self,
-        host: str,
-        port: int,
-        timeout: float | None = None,
-        local_address: str | None = None,
-        socket_options: Iterable[Any] | None = None,
-    ) -> httpcore.AsyncNetworkStream:
-        deadline = None if timeout is None else anyio.current_time() + timeout
+    async def resolve(
+        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
+    ) -> list[ResolveResult]:
         try:
-            with anyio.fail_after(timeout):
+            with anyio.fail_after(self._policy.connect_timeout):
                 addresses = await resolve_checked(host, port, self._policy, resolver=self._resolver)
         except TimeoutError:
-            raise httpcore.ConnectTimeout(f"resolving {host} timed out") from None
-        error: httpcore.ConnectError | None = None
-        for address in addresses:  # in resolver order, like getaddrinfo users do
-            remaining = None if deadline is None else max(0.0, deadline - anyio.current_time())
-            try:
-                return await self._inner.connect_tcp(
-                    address,
-                    port,
-                    timeout=remaining,
-                    local_address=local_address,
-                    socket_options=socket_options,
-                )
-            except httpcore.ConnectError as exc:
-                error = exc
-        assert error is not None  # resolve_checked never returns an empty list
-        raise error
+            raise FetchError("timeout", f"resolving {host} timed out", retryable=True) from None
+        return [
+            {
+                "hostname": host,
+                "host": address,
+                "port": port,
+                "family": socket.AF_INET6 if ":" in address else socket.AF_INET,
+                "proto": 0,
+                "flags": socket.AI_NUMERICHOST | socket.AI_NUMERICSERV,
+            }
+            for address in addresses  # in resolver order, like getaddrinfo users do
+        ]
 
-    async def connect_unix_socket(
-        self,
-        path: str,
-        timeout: float | None = None,
-        socket_options: Iterable[Any] | None = None,
-    ) -> httpcore.AsyncNetworkStream:
-        raise FetchError("bad-url", "unix sockets are never fetched")
-
-    async def sleep(self, seconds: float) -> None:
-        await anyio.sleep(seconds)
+    async def close(self) -> None:
+        pass
 
 
-# Most specific first: the first match wins.
-_HTTPCORE_ERRORS: Final[tuple[tuple[type[Exception], type[httpx.TransportError]], ...]] = (
-    (httpcore.ConnectTimeout, httpx.ConnectTimeout),
-    (httpcore.ReadTimeout, httpx.ReadTimeout),
-    (httpcore.WriteTimeout, httpx.WriteTimeout),
-    (httpcore.PoolTimeout, httpx.PoolTimeout),
-    (httpcore.TimeoutException, httpx.TimeoutException),
-    (httpcore.ConnectError, httpx.ConnectError),
-    (httpcore.ReadError, httpx.ReadError),
-    (httpcore.WriteError, httpx.WriteError),
-    (httpcore.NetworkError, httpx.NetworkError),
-    (httpcore.RemoteProtocolError, httpx.RemoteProtocolError),
-    (httpcore.LocalProtocolError, httpx.LocalProtocolError),
-    (httpcore.ProtocolError, httpx.ProtocolError),
-    (httpcore.UnsupportedProtocol, httpx.UnsupportedProtocol),
-)
+def _check_literal_host(url: yarl.URL, policy: FetchPolicy) -> None:
+    """Check an IP-literal host, which aiohttp connects to without resolving.
 
-
-@contextlib.contextmanager
-def _httpx_errors() -> Iterator[None]:
-    """Re-raise httpcore's exceptions as httpx's, as httpx's own transport does."""
-    try:
-        yield
-    except Exception as exc:
-        for source, target in _HTTPCORE_ERRORS:
-            if isinstance(exc, source):
-                raise target(str(exc)) from exc
-        raise
-
-
-class _ResponseStream(httpx.AsyncByteStream):
-    def __init__(self, stream: AsyncIterable[bytes]) -> None:
-        self._stream = stream
-
-    async def __aiter__(self) -> AsyncIterator[bytes]:
-        with _httpx_errors():
-            async for part in self._stream:
-                yield part
-
-    async def aclose(self) -> None:
-        aclose = getattr(self._stream, "aclose", None)
-        if aclose is not None:
-            await aclose()
-
-
-class GuardedTransport(httpx.AsyncBaseTransport):
-    """An httpx transport whose every new connection passes the SSRF guard.
-
-    It is httpx's usual httpcore connection pool with `_GuardedBackend`
-    underneath: the URL is left alone (so TLS sends SNI for, and verifies
-    the certificate against, the host name) while the socket goes to an
-    address `resolve_checked` approved. Pooled connections are keyed by
-    scheme, host name and port, so a connection is only ever reused for the
-    name it was checked and verified for. Redirects are not followed here.
-
-    *network_backend* opens the sockets (httpcore's anyio backend by
-    default); tests pass one that records where connections go.
+    No lookup is involved, so checking before the request is as good as
+    checking at connect time; host names go through `_GuardedResolver`.
     """
-
-    def __init__(
-        self,
-        policy: FetchPolicy,
-        *,
-        resolver: Resolver | None = None,
-        ssl_context: ssl.SSLContext | None = None,
-        network_backend: httpcore.AsyncNetworkBackend | None = None,
-    ) -> None:
-        self._pool = httpcore.AsyncConnectionPool(
-            ssl_context=ssl_context or httpx.create_ssl_context(),
-            max_connections=policy.max_connections,
-            max_keepalive_connections=policy.max_connections,
-            keepalive_expiry=5.0,
-            network_backend=_GuardedBackend(
-                policy, resolver, network_backend or httpcore.AnyIOBackend()
-            ),
-        )
-
-    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        """Send *request* on a guarded connection (see the class docstring)."""
-        if request.url.scheme not in ("http", "https"):
-            raise httpx.UnsupportedProtocol(f"unsupported scheme {request.url.scheme!r}")
-        assert isinstance(request.stream, httpx.AsyncByteStream)
-        core_request = httpcore.Request(
-            method=request.method,
-            url=httpcore.URL(
-                scheme=request.url.raw_scheme,
-                host=request.url.raw_host,
-                port=request.url.port,
-                target=request.url.raw_path,
-            ),
-            headers=request.headers.raw,
-            content=request.stream,
-            extensions=request.extensions,
-        )
-        with _httpx_errors():
-            response = await self._pool.handle_async_request(core_request)
-        assert isinstance(response.stream, AsyncIterable)
-        return httpx.Response(
-            status_code=response.status,
-            headers=response.headers,
-            stream=_ResponseStream(response.stream),
-            extensions=response.extensions,
-        )
-
-    async def aclose(self) -> None:
-        """Close every pooled connection."""
-        await self._pool.aclose()
+    host, port = url.raw_host, url.port
+    if host is None or port is None:
+        raise FetchError("bad-url", f"no host in URL: {_redact(str(url))}")
+    try:
+        literal = _ip_literal(host)
+    except ValueError as exc:
+        raise FetchError("bad-url", str(exc)) from None
+    if literal is not None:
+        _check_address(literal, port, policy, host)
 
 
 # --------------------------------------------------------------------------
@@ -798,32 +704,47 @@ def _is_tls_verification_error(exc: BaseException) -> bool:
     return False
 
 
+def _is_decoding_error(exc: BaseException) -> bool:
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, ContentEncodingError):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
 @contextlib.contextmanager
 def _fetch_errors(url: str) -> Iterator[None]:
-    """Turn httpx's exceptions into `FetchError` with a stable code."""
+    """Turn aiohttp's exceptions into `FetchError` with a stable code."""
     where = _redact(url)
     try:
         yield
-    except httpx.TimeoutException as exc:
+    except TimeoutError as exc:  # aiohttp's connect and read timeouts are TimeoutErrors
         raise FetchError("timeout", f"{type(exc).__name__} for {where}", retryable=True) from exc
-    except httpx.ConnectError as exc:
-        if _is_tls_verification_error(exc):
+    except aiohttp.ClientConnectorError as exc:
+        if isinstance(exc, aiohttp.ClientConnectorCertificateError) or (
+            _is_tls_verification_error(exc)
+        ):
             raise FetchError("tls-error", f"TLS verification failed for {where}: {exc}") from exc
         raise FetchError(
             "connect-error", f"cannot connect for {where}: {exc}", retryable=True
         ) from exc
-    except httpx.UnsupportedProtocol as exc:
-        raise FetchError("bad-scheme", f"{exc} in {where}") from exc
-    except httpx.InvalidURL as exc:
-        raise FetchError("bad-url", f"{exc}: {where}") from exc
-    except httpx.DecodingError as exc:
-        raise FetchError("bad-response", f"cannot decode the body of {where}: {exc}") from exc
-    except httpx.LocalProtocolError as exc:
-        raise FetchError("network-error", f"{exc} for {where}") from exc
-    except httpx.TransportError as exc:
+    except aiohttp.NonHttpUrlClientError as exc:
+        raise FetchError("bad-scheme", f"unsupported scheme in {where}") from exc
+    except aiohttp.InvalidURL as exc:
+        raise FetchError("bad-url", f"invalid URL: {where}") from exc
+    except aiohttp.ClientPayloadError as exc:
+        if _is_decoding_error(exc):
+            raise FetchError("bad-response", f"cannot decode the body of {where}: {exc}") from exc
         raise FetchError(
             "network-error", f"{type(exc).__name__} for {where}: {exc}", retryable=True
         ) from exc
+    except aiohttp.ClientError as exc:
+        raise FetchError(
+            "network-error", f"{type(exc).__name__} for {where}: {exc}", retryable=True
+        ) from exc
+    except ValueError as exc:  # aiohttp refuses to send a malformed request
+        raise FetchError("network-error", f"{exc} for {where}") from exc
 
 
 def _parse_retry_after(value: str | None, now: float | None = None) -> float | None:
@@ -845,18 +766,18 @@ def _parse_retry_after(value: str | None, now: float | None = None) -> float | N
     return min(max(seconds, 0.0), _MAX_RETRY_AFTER)
 
 
-def _http_error(response: httpx.Response, url: str) -> FetchError:
-    status = response.status_code
+def _http_error(response: aiohttp.ClientResponse, url: str) -> FetchError:
+    status = response.status
     retryable = status in (408, 429) or status >= 500
     return FetchError(
         f"http-{status}",
-        f"HTTP {status} {response.reason_phrase} from {_redact(url)}".replace("  ", " "),
+        f"HTTP {status} {response.reason or ''} from {_redact(url)}".replace("  ", " "),
         retryable=retryable,
         retry_after=_parse_retry_after(response.headers.get("retry-after")) if retryable else None,
     )
 
 
-def _media_type(response: httpx.Response) -> str | None:
+def _media_type(response: aiohttp.ClientResponse) -> str | None:
     value = response.headers.get("content-type")
     if value is None:
         return None
@@ -864,7 +785,7 @@ def _media_type(response: httpx.Response) -> str | None:
 
 
 async def _read_capped(
-    response: httpx.Response,
+    response: aiohttp.ClientResponse,
     max_bytes: int,
     first_chunk_check: Callable[[bytes], str | None] | None,
     url: str,
@@ -876,9 +797,9 @@ async def _read_capped(
     chunks: list[bytes] = []
     size = 0
     head: bytes | None = b"" if first_chunk_check is not None else None
-    # aiter_bytes undoes Content-Encoding, so the cap is on what we keep in
-    # memory; a compressed chunk can only expand into one decoded chunk.
-    async for chunk in response.aiter_bytes():
+    # aiohttp undoes Content-Encoding (we ask for identity, but a server may
+    # ignore that), so the cap is on what we keep in memory.
+    async for chunk in response.content.iter_any():
         size += len(chunk)
         if size > max_bytes:
             raise FetchError("too-large", f"{_redact(url)} sends more than {max_bytes} bytes")
@@ -902,10 +823,18 @@ def _first_chunk(check: Callable[[bytes], str | None] | None, head: bytes, url: 
 class Fetcher:
     """Downloads images (and sends webhooks) through the SSRF guard.
 
-    Use as ``async with Fetcher(policy) as fetcher:``; one instance holds
-    one connection pool, shared by every concurrent `fetch` and `send`.
-    *resolver*, *ssl_context* and *network_backend* are for tests and
-    special deployments (see `GuardedTransport`).
+    Use as ``async with Fetcher(policy) as fetcher:`` on asyncio; one
+    instance holds one aiohttp connection pool (made on first use), shared
+    by every concurrent `fetch` and `send`. *resolver*, *ssl_context* and
+    *socket_factory* (see `SocketFactory`) are for tests and special
+    deployments.
+
+    The pool is aiohttp's `TCPConnector` with `_GuardedResolver` and no DNS
+    cache: the URL keeps its host name (so TLS sends SNI for, and verifies
+    the certificate against, the name) while the socket goes to an address
+    the guard approved. Pooled connections are keyed by scheme, host name
+    and port, so a connection is only ever reused for the name it was
+    checked and verified for. Redirects are followed here, by hand.
     """
 
     def __init__(
@@ -914,28 +843,53 @@ class Fetcher:
         *,
         resolver: Resolver | None = None,
         ssl_context: ssl.SSLContext | None = None,
-        network_backend: httpcore.AsyncNetworkBackend | None = None,
+        socket_factory: SocketFactory | None = None,
     ) -> None:
         self.policy = FetchPolicy() if policy is None else policy
-        p = self.policy
-        self._client = httpx.AsyncClient(
-            transport=GuardedTransport(
-                p, resolver=resolver, ssl_context=ssl_context, network_backend=network_backend
-            ),
-            follow_redirects=False,  # by hand, so every hop is checked
-            # No proxies from the environment (they would connect for us,
-            # past the guard) and no credentials from ~/.netrc.
-            trust_env=False,
-            # Waiting for a free pooled connection is bounded by the total
-            # deadline, not by a pool timeout of its own.
-            timeout=httpx.Timeout(
-                connect=p.connect_timeout, read=p.read_timeout, write=p.read_timeout, pool=None
-            ),
-            headers={"User-Agent": p.user_agent},
+        self._resolver = resolver
+        self._ssl_context = ssl_context
+        self._socket_factory = socket_factory or _default_socket_factory
+        # Waiting for a free pooled connection is bounded by the total
+        # deadline, not by a pool timeout of its own; resolving is bounded
+        # by connect_timeout in `_GuardedResolver`.
+        self._timeout = aiohttp.ClientTimeout(
+            total=None,
+            connect=None,
+            sock_connect=self.policy.connect_timeout,
+            sock_read=self.policy.read_timeout,
         )
+        self._session: aiohttp.ClientSession | None = None
+        self._closed = False
+
+    def _client(self) -> aiohttp.ClientSession:
+        """The session, made on first use (aiohttp wants a running loop)."""
+        if self._session is None:
+            if self._closed:
+                raise RuntimeError("the Fetcher is closed")
+            p = self.policy
+            connector = aiohttp.TCPConnector(
+                resolver=_GuardedResolver(p, self._resolver),
+                # Every new connection resolves and checks again: a cached
+                # answer must not skip the check (nor a port-specific rule).
+                use_dns_cache=False,
+                ssl=self._ssl_context or httpx.create_ssl_context(),
+                limit=p.max_connections,
+                limit_per_host=0,
+                keepalive_timeout=5.0,
+                socket_factory=self._socket_factory,
+            )
+            self._session = aiohttp.ClientSession(
+                connector=connector,
+                # No proxies from the environment (they would connect for
+                # us, past the guard) and no credentials from ~/.netrc.
+                trust_env=False,
+                cookie_jar=aiohttp.DummyCookieJar(),
+                headers={"User-Agent": p.user_agent},
+                timeout=self._timeout,
+            )
+        return self._session
 
     async def __aenter__(self) -> Self:
-        await self._client.__aenter__()
         return self
 
     async def __aexit__(
@@ -948,7 +902,10 @@ class Fetcher:
 
     async def aclose(self) -> None:
         """Close the connection pool."""
-        await self._client.aclose()
+        self._closed = True
+        if self._session is not None:
+            session, self._session = self._session, None
+            await session.close()
 
     async def fetch(
         self,
@@ -1014,6 +971,27 @@ class Fetcher:
                 retryable=True,
             ) from None
 
+    def _request(
+        self,
+        method: str,
+        url: str,
+        *,
+        headers: Mapping[str, str],
+        data: bytes | None = None,
+        timeout: aiohttp.ClientTimeout,
+    ) -> aiohttp.client._RequestContextManager:
+        """One request, no redirects, through the guard."""
+        target = yarl.URL(url)
+        _check_literal_host(target, self.policy)
+        return self._client().request(
+            method,
+            target,
+            headers=headers,
+            data=data,
+            allow_redirects=False,  # by hand, so every hop is checked
+            timeout=timeout,
+        )
+
     async def _follow(
         self,
         url: str,
@@ -1024,11 +1002,11 @@ class Fetcher:
         headers = {"Accept": "image/*,*/*;q=0.8", "Accept-Encoding": "identity"}
         for redirects in itertools.count():
             with _fetch_errors(url):
-                request = self._client.build_request("GET", url, headers=headers)
-                response = await self._client.send(request, stream=True)
-                try:
+                async with self._request(
+                    "GET", url, headers=headers, timeout=self._timeout
+                ) as response:
                     location = response.headers.get("location")
-                    if response.status_code in _REDIRECT_STATUSES and location:
+                    if response.status in _REDIRECT_STATUSES and location:
                         if redirects >= self.policy.max_redirects:
                             raise FetchError(
                                 "too-many-redirects",
@@ -1038,18 +1016,16 @@ class Fetcher:
                         url = check_url(urljoin(url, location)).geturl()
                         log.debug("redirect %d to %s", redirects + 1, _redact(url))
                         continue
-                    if not 200 <= response.status_code < 300:
+                    if not 200 <= response.status < 300:
                         raise _http_error(response, url)
                     data = await _read_capped(
                         response, self.policy.max_bytes, first_chunk_check, url
                     )
-                finally:
-                    await response.aclose()
             return Fetched(
                 url=url,
                 data=data,
                 content_type=_media_type(response),
-                status_code=response.status_code,
+                status_code=response.status,
                 attempts=attempt,
                 redirects=redirects,
             )
@@ -1068,47 +1044,47 @@ class Fetcher:
 
         No redirects are followed and nothing is retried; the response is
         returned whatever its status, with its body read (up to
-        ``policy.max_bytes``) within *timeout* seconds in all.
+        ``policy.max_bytes``) within *timeout* seconds in all. It is an
+        `httpx.Response` over the bytes read.
 
         Raises:
             FetchError: ``blocked-address``, ``bad-scheme``, ``bad-url``,
                 ``timeout``, ``connect-error``, ``too-large``...
         """
         target = check_url(url).geturl()
-        request_timeout = httpx.Timeout(
-            timeout, connect=min(timeout, self.policy.connect_timeout), pool=None
+        request_timeout = aiohttp.ClientTimeout(
+            total=None,
+            connect=None,
+            sock_connect=min(timeout, self.policy.connect_timeout),
+            sock_read=timeout,
         )
         try:
             with anyio.fail_after(timeout), _fetch_errors(target):
-                request = self._client.build_request(
-                    method, target, content=content, headers=headers, timeout=request_timeout
-                )
-                response = await self._client.send(request, stream=True)
-                try:
+                async with self._request(
+                    method, target, headers=headers, data=content, timeout=request_timeout
+                ) as response:
                     data = await _read_capped(response, self.policy.max_bytes, None, target)
-                finally:
-                    await response.aclose()
         except TimeoutError:
             raise FetchError(
                 "timeout",
                 f"no response within {timeout:g} s from {_redact(target)}",
                 retryable=True,
             ) from None
-        # A fresh response over the bytes read: the original's stream is
-        # spent, and its Content-Encoding/Length no longer describe `data`.
+        # Content-Encoding/Length no longer describe `data`, which is decoded.
         kept = [
             (name, value)
-            for name, value in response.headers.multi_items()
-            if name.lower() not in ("content-encoding", "content-length", "transfer-encoding")
+            for name, value in response.raw_headers
+            if name.lower() not in (b"content-encoding", b"content-length", b"transfer-encoding")
         ]
         return httpx.Response(
-            response.status_code,
+            response.status,
             headers=kept,
             content=data,
-            request=request,
+            request=httpx.Request(method, target, headers=dict(headers)),
             extensions={
-                key: response.extensions[key]
-                for key in ("http_version", "reason_phrase")
-                if key in response.extensions
+                "http_version": f"HTTP/{response.version.major}.{response.version.minor}".encode()
+                if response.version is not None
+                else b"HTTP/1.1",
+                "reason_phrase": (response.reason or "").encode("latin-1", "replace"),
             },
         )
