@@ -35,7 +35,35 @@ from csvimg.jobs import (
 from csvimg.plugins import BackendRegistry, hookimpl
 from csvimg.settings import Settings
 
-__all__ = ["MemoryBlobStore", "MemoryQueue", "MemoryStorage", "finish_outcome"]
+__all__ = [
+    "MemoryBlobStore",
+    "MemoryQueue",
+    "MemoryStorage",
+    "finish_outcome",
+    "lease_item",
+]
+
+
+def lease_item(item: Item | None, *, at: float, lease_seconds: float) -> Item | None:
+    """Return *item* leased for processing at *at*, or None if it may not be (a pure function).
+
+    PENDING moves to PROCESSING; a PROCESSING item whose lease ended (its
+    worker died) goes back to PENDING and is taken over; attempts count up.
+    None for an unknown, finished, or live-leased item. Shared by every
+    backend, like `finish_outcome`, so the takeover rule lives once.
+    """
+    if item is None or item.status.finished:
+        return None
+    if item.status is ItemStatus.PROCESSING:
+        if item.lease_until is not None and item.lease_until > at:
+            return None
+        item = item.with_status(ItemStatus.PENDING, updated_at=at)
+    return item.with_status(
+        ItemStatus.PROCESSING,
+        attempts=item.attempts + 1,
+        lease_until=at + lease_seconds,
+        updated_at=at,
+    )
 
 
 def finish_outcome(request: Request, result: ItemResult, at: float) -> tuple[Request, Event | None]:
@@ -144,18 +172,9 @@ class MemoryStorage:
         at = now()
         with self._lock:
             item = self._items.get(item_id)
-            if item is None or item.status.finished:
+            item = lease_item(item, at=at, lease_seconds=lease_seconds)
+            if item is None:
                 return None
-            if item.status is ItemStatus.PROCESSING:
-                if item.lease_until is not None and item.lease_until > at:
-                    return None
-                item = item.with_status(ItemStatus.PENDING, updated_at=at)
-            item = item.with_status(
-                ItemStatus.PROCESSING,
-                attempts=item.attempts + 1,
-                lease_until=at + lease_seconds,
-                updated_at=at,
-            )
             self._items[item_id] = item
             request = self._requests[item.request_id]
             if request.status is RequestStatus.PENDING:

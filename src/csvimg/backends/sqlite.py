@@ -49,7 +49,7 @@ import anyio.to_thread
 
 from csvimg._errors import ConfigError, NotFoundError, StorageError
 from csvimg.backends import Claim
-from csvimg.backends.memory import finish_outcome
+from csvimg.backends.memory import finish_outcome, lease_item
 from csvimg.jobs import (
     Delivery,
     Event,
@@ -671,19 +671,10 @@ class SqliteStorage:
         def start(conn: sqlite3.Connection) -> Item | None:
             at = now()
             item = _get_item(conn, item_id)
-            if item is None or item.status.finished:
+            # A lease that ran out (its worker died) is taken over.
+            item = lease_item(item, at=at, lease_seconds=lease_seconds)
+            if item is None:
                 return None
-            if item.status is ItemStatus.PROCESSING:
-                if item.lease_until is not None and item.lease_until > at:
-                    return None
-                # The lease ran out (its worker died): back to PENDING, then ours.
-                item = item.with_status(ItemStatus.PENDING, updated_at=at)
-            item = item.with_status(
-                ItemStatus.PROCESSING,
-                attempts=item.attempts + 1,
-                lease_until=at + lease_seconds,
-                updated_at=at,
-            )
             _save_item(conn, item)
             row = conn.execute(
                 "SELECT status FROM requests WHERE id = ?", (item.request_id,)

@@ -75,7 +75,7 @@ from csvimg import (
     hookimpl,
 )
 from csvimg.backends import Claim
-from csvimg.backends.memory import finish_outcome
+from csvimg.backends.memory import finish_outcome, lease_item
 from csvimg.jobs import check_item, check_request, now
 from psycopg import errors, pq, sql
 from psycopg.types.json import Jsonb
@@ -632,19 +632,10 @@ class PostgresStorage:
         async with self._pool.transaction() as conn:
             item = await _get_item(conn, item_id, lock=True)
             at = now()
-            if item is None or item.status.finished:
+            # A lease that ran out (its worker died) is taken over.
+            item = lease_item(item, at=at, lease_seconds=lease_seconds)
+            if item is None:
                 return None
-            if item.status is ItemStatus.PROCESSING:
-                if item.lease_until is not None and item.lease_until > at:
-                    return None
-                # The lease ran out (its worker died): back to PENDING, then ours.
-                item = item.with_status(ItemStatus.PENDING, updated_at=at)
-            item = item.with_status(
-                ItemStatus.PROCESSING,
-                attempts=item.attempts + 1,
-                lease_until=at + lease_seconds,
-                updated_at=at,
-            )
             await _save_item(conn, item)
             check_request(RequestStatus.PENDING, RequestStatus.PROCESSING)
             await conn.execute(
