@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import csv
 import io
-import signal
 import time
 from pathlib import Path
 
@@ -190,7 +189,7 @@ def test_worker_process_next_to_api_only_server(tmp_path: Path, photo_host: Imag
                 )
                 slow_id = slow.json()["request_id"]
                 wait_until(lambda: photo_host.hits["/slow.jpg"] >= 1, what="the slow download")
-                worker.proc.send_signal(signal.SIGTERM)
+                # One SIGTERM (stop() sends it): a second one means "stop now".
                 assert worker.stop(timeout=20) == 0, worker.log()
                 log = worker.log()
                 assert "SIGTERM" in log and "worker stopped" in log

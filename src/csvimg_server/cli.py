@@ -412,6 +412,9 @@ async def _worker(settings: Settings, grace: float, tally: Tally) -> None:
                 with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
                     async for signum in signals:
                         if stop.is_set():  # a second signal: stop now
+                            log.warning("%s again: stopping now; in-flight items go back to "
+                                        "the queue when their leases end",
+                                        signal.Signals(signum).name)
                             tg.cancel_scope.cancel()
                             return
                         log.info("%s: no new items; finishing the ones in flight",
