@@ -41,6 +41,7 @@ __all__ = [
     "MemoryStorage",
     "finish_outcome",
     "lease_item",
+    "settle_item",
 ]
 
 
@@ -62,6 +63,30 @@ def lease_item(item: Item | None, *, at: float, lease_seconds: float) -> Item | 
         ItemStatus.PROCESSING,
         attempts=item.attempts + 1,
         lease_until=at + lease_seconds,
+        updated_at=at,
+    )
+
+
+def settle_item(item: Item, result: ItemResult, *, at: float) -> Item:
+    """Return *item* moved to DONE or FAILED with *result* (a pure function).
+
+    The caller has checked the item is not finished. A PENDING item is
+    accepted too: a slow worker's result may arrive after its lease was
+    taken back, and keeping it beats redoing the work.
+    """
+    if item.status is ItemStatus.PENDING:
+        item = item.with_status(ItemStatus.PROCESSING, updated_at=at)
+    return item.with_status(
+        ItemStatus.DONE if result.ok else ItemStatus.FAILED,
+        output_key=result.output_key,
+        content_type=result.content_type,
+        bytes_in=result.bytes_in,
+        bytes_out=result.bytes_out,
+        width=result.width,
+        height=result.height,
+        error_code=result.error_code,
+        error_message=result.error_message,
+        lease_until=None,
         updated_at=at,
     )
 
@@ -211,23 +236,7 @@ class MemoryStorage:
             item = self._items.get(item_id)
             if item is None or item.status.finished:
                 return None
-            if item.status is ItemStatus.PENDING:
-                # A result may arrive for an item whose lease was taken back
-                # (slow worker): accept it rather than redo the work.
-                item = item.with_status(ItemStatus.PROCESSING, updated_at=at)
-            self._items[item_id] = item.with_status(
-                ItemStatus.DONE if result.ok else ItemStatus.FAILED,
-                output_key=result.output_key,
-                content_type=result.content_type,
-                bytes_in=result.bytes_in,
-                bytes_out=result.bytes_out,
-                width=result.width,
-                height=result.height,
-                error_code=result.error_code,
-                error_message=result.error_message,
-                lease_until=None,
-                updated_at=at,
-            )
+            self._items[item_id] = settle_item(item, result, at=at)
             request, event = finish_outcome(self._requests[item.request_id], result, at)
             self._requests[request.id] = request
             if event is None:

@@ -49,7 +49,7 @@ import anyio.to_thread
 
 from csvimg._errors import ConfigError, NotFoundError, StorageError
 from csvimg.backends import Claim
-from csvimg.backends.memory import finish_outcome, lease_item
+from csvimg.backends.memory import finish_outcome, lease_item, settle_item
 from csvimg.jobs import (
     Delivery,
     Event,
@@ -729,26 +729,7 @@ class SqliteStorage:
             item = _get_item(conn, item_id)
             if item is None or item.status.finished:
                 return None
-            if item.status is ItemStatus.PENDING:
-                # A result may arrive for an item whose lease was taken back
-                # (slow worker): accept it rather than redo the work.
-                item = item.with_status(ItemStatus.PROCESSING, updated_at=at)
-            _save_item(
-                conn,
-                item.with_status(
-                    ItemStatus.DONE if result.ok else ItemStatus.FAILED,
-                    output_key=result.output_key,
-                    content_type=result.content_type,
-                    bytes_in=result.bytes_in,
-                    bytes_out=result.bytes_out,
-                    width=result.width,
-                    height=result.height,
-                    error_code=result.error_code,
-                    error_message=result.error_message,
-                    lease_until=None,
-                    updated_at=at,
-                ),
-            )
+            _save_item(conn, settle_item(item, result, at=at))
             request = _get_request(conn, item.request_id)
             if request is None:  # pragma: no cover - items never outlive requests
                 raise StorageError(f"item {item_id} has no request {item.request_id}")

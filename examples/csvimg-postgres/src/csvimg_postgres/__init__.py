@@ -75,7 +75,7 @@ from csvimg import (
     hookimpl,
 )
 from csvimg.backends import Claim
-from csvimg.backends.memory import finish_outcome, lease_item
+from csvimg.backends.memory import finish_outcome, lease_item, settle_item
 from csvimg.jobs import check_item, check_request, now
 from psycopg import errors, pq, sql
 from psycopg.types.json import Jsonb
@@ -679,26 +679,7 @@ class PostgresStorage:
             at = now()
             if item is None or item.status.finished:
                 return None  # idempotent: a second finish changes nothing
-            if item.status is ItemStatus.PENDING:
-                # A result may arrive for an item whose lease was taken back
-                # (slow worker): accept it rather than redo the work.
-                item = item.with_status(ItemStatus.PROCESSING, updated_at=at)
-            await _save_item(
-                conn,
-                item.with_status(
-                    ItemStatus.DONE if result.ok else ItemStatus.FAILED,
-                    output_key=result.output_key,
-                    content_type=result.content_type,
-                    bytes_in=result.bytes_in,
-                    bytes_out=result.bytes_out,
-                    width=result.width,
-                    height=result.height,
-                    error_code=result.error_code,
-                    error_message=result.error_message,
-                    lease_until=None,
-                    updated_at=at,
-                ),
-            )
+            await _save_item(conn, settle_item(item, result, at=at))
             # The serialisation point: concurrent finishers of this request
             # wait here, and each then reads the counters the last one wrote.
             cur = await conn.execute(
