@@ -510,6 +510,73 @@ def _save_item(conn: sqlite3.Connection, item: Item) -> None:
     )
 
 
+def _start(
+    conn: sqlite3.Connection, item_id: str, at: float, lease_seconds: float
+) -> Item | None:
+    """Lease one item inside the caller's write transaction (see `Storage.start_item`)."""
+    # A lease that ran out (its worker died) is taken over.
+    item = lease_item(_get_item(conn, item_id), at=at, lease_seconds=lease_seconds)
+    if item is None:
+        return None
+    _save_item(conn, item)
+    row = conn.execute("SELECT status FROM requests WHERE id = ?", (item.request_id,)).fetchone()
+    if row is not None and row[0] == RequestStatus.PENDING.value:
+        check_request(RequestStatus.PENDING, RequestStatus.PROCESSING)
+        conn.execute(
+            "UPDATE requests SET status = ?, updated_at = ? WHERE id = ?",
+            (RequestStatus.PROCESSING.value, at, item.request_id),
+        )
+    return item
+
+
+def _finish(
+    conn: sqlite3.Connection, item_id: str, result: ItemResult, at: float
+) -> Request | None:
+    """Record one outcome inside the caller's write transaction (see `Storage.finish_item`).
+
+    The write transaction makes the read-modify-write of the counters safe
+    across threads and processes: only one caller can see the last item finish.
+    """
+    item = _get_item(conn, item_id)
+    if item is None or item.status.finished:
+        return None
+    _save_item(conn, settle_item(item, result, at=at))
+    request = _get_request(conn, item.request_id)
+    if request is None:  # pragma: no cover - items never outlive requests
+        raise StorageError(f"item {item_id} has no request {item.request_id}")
+    updated, event = finish_outcome(request, result, at)
+    # Relative increments, although the write lock makes them equal to
+    # `updated`'s values: they stay right even if someone edits by hand.
+    conn.execute(
+        "UPDATE requests SET done = done + ?, failed = failed + ?, status = ?, "
+        "updated_at = ? WHERE id = ?",
+        (
+            updated.done - request.done,
+            updated.failed - request.failed,
+            updated.status.value,
+            at,
+            request.id,
+        ),
+    )
+    if event is None:
+        return None
+    conn.execute(
+        "INSERT INTO events (id, type, request_id, owner, callback_url, created_at, "
+        "attempts, next_attempt_at, lease_until) VALUES (?, ?, ?, ?, ?, ?, ?, ?, NULL)",
+        (
+            event.id,
+            event.type,
+            event.request_id,
+            event.owner,
+            event.callback_url,
+            event.created_at,
+            event.attempts,
+            event.next_attempt_at,
+        ),
+    )
+    return updated
+
+
 class SqliteStorage:
     """Storage in one SQLite file; see `csvimg.backends.Storage`.
 
@@ -667,37 +734,40 @@ class SqliteStorage:
 
     async def start_item(self, item_id: str, *, lease_seconds: float) -> Item | None:
         """Lease the item (see the protocol), in one write transaction."""
+        return await self._db.write(lambda conn: _start(conn, item_id, now(), lease_seconds))
 
-        def start(conn: sqlite3.Connection) -> Item | None:
+    async def start_items(self, item_ids: Sequence[str], *, lease_seconds: float) -> list[Item]:
+        """Lease many items in one write transaction; return those that started."""
+        if not item_ids:
+            return []
+
+        def start(conn: sqlite3.Connection) -> list[Item]:
             at = now()
-            item = _get_item(conn, item_id)
-            # A lease that ran out (its worker died) is taken over.
-            item = lease_item(item, at=at, lease_seconds=lease_seconds)
-            if item is None:
-                return None
-            _save_item(conn, item)
-            row = conn.execute(
-                "SELECT status FROM requests WHERE id = ?", (item.request_id,)
-            ).fetchone()
-            if row is not None and row[0] == RequestStatus.PENDING.value:
-                check_request(RequestStatus.PENDING, RequestStatus.PROCESSING)
-                conn.execute(
-                    "UPDATE requests SET status = ?, updated_at = ? WHERE id = ?",
-                    (RequestStatus.PROCESSING.value, at, item.request_id),
-                )
-            return item
+            started = (_start(conn, i, at, lease_seconds) for i in item_ids)
+            return [item for item in started if item is not None]
 
         return await self._db.write(start)
 
     async def extend_lease(self, item_id: str, *, lease_seconds: float) -> bool:
         """Push a PROCESSING item's lease forward."""
+        return bool(await self.extend_leases([item_id], lease_seconds=lease_seconds))
 
-        def extend(conn: sqlite3.Connection) -> bool:
-            cur = conn.execute(
-                "UPDATE items SET lease_until = ? WHERE id = ? AND status = ?",
-                (now() + lease_seconds, item_id, ItemStatus.PROCESSING.value),
-            )
-            return cur.rowcount > 0
+    async def extend_leases(self, item_ids: Sequence[str], *, lease_seconds: float) -> list[str]:
+        """Push the leases of the PROCESSING items among *item_ids* forward: one transaction."""
+        if not item_ids:
+            return []
+
+        def extend(conn: sqlite3.Connection) -> list[str]:
+            until = now() + lease_seconds
+            extended = []
+            for item_id in item_ids:
+                cur = conn.execute(
+                    "UPDATE items SET lease_until = ? WHERE id = ? AND status = ?",
+                    (until, item_id, ItemStatus.PROCESSING.value),
+                )
+                if cur.rowcount > 0:
+                    extended.append(item_id)
+            return extended
 
         return await self._db.write(extend)
 
@@ -723,47 +793,17 @@ class SqliteStorage:
 
     async def finish_item(self, item_id: str, result: ItemResult) -> Request | None:
         """Record the outcome, bump counters, maybe finish the request: one transaction."""
+        return await self._db.write(lambda conn: _finish(conn, item_id, result, now()))
 
-        def finish(conn: sqlite3.Connection) -> Request | None:
+    async def finish_items(self, results: Sequence[tuple[str, ItemResult]]) -> list[Request]:
+        """`finish_item` for every pair, all in one write transaction."""
+        if not results:
+            return []
+
+        def finish(conn: sqlite3.Connection) -> list[Request]:
             at = now()
-            item = _get_item(conn, item_id)
-            if item is None or item.status.finished:
-                return None
-            _save_item(conn, settle_item(item, result, at=at))
-            request = _get_request(conn, item.request_id)
-            if request is None:  # pragma: no cover - items never outlive requests
-                raise StorageError(f"item {item_id} has no request {item.request_id}")
-            updated, event = finish_outcome(request, result, at)
-            # Relative increments, although the write lock makes them equal to
-            # `updated`'s values: they stay right even if someone edits by hand.
-            conn.execute(
-                "UPDATE requests SET done = done + ?, failed = failed + ?, status = ?, "
-                "updated_at = ? WHERE id = ?",
-                (
-                    updated.done - request.done,
-                    updated.failed - request.failed,
-                    updated.status.value,
-                    at,
-                    request.id,
-                ),
-            )
-            if event is None:
-                return None
-            conn.execute(
-                "INSERT INTO events (id, type, request_id, owner, callback_url, created_at, "
-                "attempts, next_attempt_at, lease_until) VALUES (?, ?, ?, ?, ?, ?, ?, ?, NULL)",
-                (
-                    event.id,
-                    event.type,
-                    event.request_id,
-                    event.owner,
-                    event.callback_url,
-                    event.created_at,
-                    event.attempts,
-                    event.next_attempt_at,
-                ),
-            )
-            return updated
+            finished = (_finish(conn, i, result, at) for i, result in results)
+            return [request for request in finished if request is not None]
 
         return await self._db.write(finish)
 
@@ -1111,13 +1151,33 @@ class SqliteQueue:
 
     async def extend(self, claim: Claim, *, lease_seconds: float) -> None:
         """Hold the id *lease_seconds* more, if this claim still holds it."""
-        until = now() + lease_seconds
-        await self._update(
-            claim,
-            "UPDATE queue SET lease_until = ?, available_at = ? WHERE id = ? AND lease_token = ?",
-            until,
-            until,
-        )
+        await self.extend_many([claim], lease_seconds=lease_seconds)
+
+    async def ack_many(self, claims: Sequence[Claim]) -> None:
+        """Delete the ids these claims still hold: one transaction."""
+        rows = [(rid, c.token) for c in claims if (rid := _token_row(c.token)) is not None]
+        if rows:
+            await self._db.write(
+                lambda conn: conn.executemany(
+                    "DELETE FROM queue WHERE id = ? AND lease_token = ?", rows
+                )
+            )
+
+    async def extend_many(self, claims: Sequence[Claim], *, lease_seconds: float) -> None:
+        """Hold the ids these claims still hold *lease_seconds* more: one transaction."""
+        rows = [c for c in claims if _token_row(c.token) is not None]
+        if not rows:
+            return
+
+        def extend(conn: sqlite3.Connection) -> None:
+            until = now() + lease_seconds
+            conn.executemany(
+                "UPDATE queue SET lease_until = ?, available_at = ? "
+                "WHERE id = ? AND lease_token = ?",
+                ((until, until, _token_row(c.token), c.token) for c in rows),
+            )
+
+        await self._db.write(extend)
 
     async def depth(self) -> int:
         """Count waiting plus leased ids."""
