@@ -362,9 +362,12 @@ async def test_claim_hands_out_nothing() -> None:
     assert await queue.claim(consumer="w", max_items=5, lease_seconds=30, wait=0.2) == []
     assert anyio.current_time() - start >= 0.15
     claim = Claim(item_id="r.0", token="t")
-    for call in (queue.ack(claim), queue.release(claim), queue.extend(claim, lease_seconds=1)):
+    for call in (queue.ack(claim), queue.release(claim), queue.extend(claim, lease_seconds=1),
+                 queue.ack_many([claim]), queue.extend_many([claim], lease_seconds=1)):
         with pytest.raises(ConfigError, match="no claims"):
             await call
+    await queue.ack_many([])  # nothing to do: no error
+    await queue.extend_many([], lease_seconds=1)
 
 
 @pytest.mark.anyio

@@ -195,3 +195,80 @@ async def test_sweep_requeues_items_lost_between_store_and_enqueue(host: ImageHo
         assert await engine.sweep() == 0  # touched: not returned twice in a window
         finished = await engine.run_until_finished(request.id, timeout=30)
         assert (finished.done, finished.failed) == (1, 0)
+
+
+_BATCH = {"start_items", "finish_items", "extend_leases", "ack_many", "extend_many"}
+
+
+class _Counting:
+    """Wraps a backend, counts calls by name; *hide* makes some methods absent."""
+
+    def __init__(self, inner: object, hide: frozenset[str] = frozenset()) -> None:
+        self._inner = inner
+        self._hide = hide
+        self.calls: dict[str, int] = {}
+
+    def __getattr__(self, name: str) -> object:
+        if name in self._hide:
+            raise AttributeError(name)
+        attr = getattr(self._inner, name)
+        if not callable(attr) or name.startswith("_"):
+            return attr
+
+        def call(*args: object, **kwargs: object) -> object:
+            self.calls[name] = self.calls.get(name, 0) + 1
+            return attr(*args, **kwargs)
+
+        return call
+
+
+@pytest.mark.parametrize("batches", [True, False], ids=["batch-methods", "old-backends"])
+async def test_worker_uses_batch_methods_or_falls_back(host: ImageHost, batches: bool) -> None:
+    """The worker batches; a backend without the batch methods is called item by item."""
+    from csvimg.backends.memory import MemoryQueue, MemoryStorage
+
+    hide = frozenset() if batches else frozenset(_BATCH)
+    storage = _Counting(MemoryStorage(), hide)
+    queue = _Counting(MemoryQueue(), hide)
+    assert hasattr(storage, "start_items") is batches
+    settings = _settings(host, lease_seconds=1.5)  # the lease keeper runs every 0.5 s
+    async with Engine(settings, storage=storage, queue=queue) as engine:  # type: ignore[arg-type]
+        host.add("/slow.jpg", photo_jpeg(320, 240), content_type="image/jpeg", delay=0.8)
+        urls = [host.url("/a.jpg"), host.url("/c.jpg"), host.url("/slow.jpg"), host.url("/x.jpg")]
+        rows = [(str(n), f"P{n}", url) for n, url in enumerate(urls, 1)]
+        request = await engine.submit(_csv(rows))
+        [item] = [i for i in await engine.items(request.id) if i.url.endswith("/a.jpg")]
+        await engine.queue.enqueue([item.id])  # a duplicate delivery: started once
+        finished = await engine.run_until_finished(request.id, timeout=30)
+        assert (finished.done, finished.failed) == (3, 1)
+        await anyio.sleep(0.3)
+        assert await engine.queue.depth() == 0  # every copy acked
+        events = await engine.storage.claim_events(now=1e12, limit=10, lease_seconds=10)
+        assert [e.type for e in events] == ["request.completed"]
+    used = {**storage.calls, **queue.calls}
+    if batches:
+        assert used["start_items"] >= 1 and used["finish_items"] >= 1 and used["ack_many"] >= 1
+        assert used.get("extend_leases", 0) >= 1 and used.get("extend_many", 0) >= 1
+        singles = {"start_item", "finish_item", "extend_lease", "ack", "extend"}
+        assert not singles & set(used), used
+    else:
+        assert not _BATCH & set(used), used
+        assert used["start_item"] >= 5 and used["finish_item"] >= 4 and used["ack"] >= 5
+        assert used.get("extend_lease", 0) >= 1 and used.get("extend", 0) >= 1
+
+
+async def test_stop_finishes_in_flight_items_and_records_them(host: ImageHost) -> None:
+    """On *stop* the worker claims no more, but records and acks what it holds."""
+    async with Engine(_settings(host)) as engine:
+        host.add("/slow.jpg", photo_jpeg(320, 240), content_type="image/jpeg", delay=0.5)
+        request = await engine.submit(_csv([("1", "A", host.url("/slow.jpg"))]))
+        stop, fetched = anyio.Event(), anyio.Event()
+        engine.on_timing(lambda stage, _: fetched.set() if stage == "fetch" else None)
+        with anyio.fail_after(20):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(lambda: engine.run_worker(stop=stop, claim_wait=0.1))
+                await fetched.wait()  # in flight: downloaded, not compressed yet
+                stop.set()  # the worker returns by itself once the item is recorded
+        done = await engine.get_request(request.id)
+        assert (done.status, done.done) == (RequestStatus.COMPLETED, 1)
+        assert await engine.queue.depth() == 0

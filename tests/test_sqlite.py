@@ -404,3 +404,82 @@ async def test_point_reads_run_inline_and_fall_back_when_busy(tmp_path: Path) ->
     finally:
         storage._db._inline = None
         await storage.close()
+
+
+async def test_short_writes_run_inline_and_fall_back_when_locked(tmp_path: Path) -> None:
+    """Leasing/finishing write on the loop; another process's lock sends them to a thread."""
+    path = tmp_path / "inline-writes.db"
+    storage = SqliteStorage(path)
+    queue = SqliteQueue(path)
+    await storage.open()
+    await queue.open()
+    try:
+        request, rows, items = sample_request(rows=1, urls_per_row=3)
+        await storage.create_request(request, rows, items)
+        await queue.enqueue([i.id for i in items])
+        claims = await queue.claim(consumer="w", max_items=3, lease_seconds=30, wait=0)
+        started = await storage.start_items([c.item_id for c in claims], lease_seconds=30)
+        assert len(started) == 3
+        assert storage._db._inline_writer is not None  # the inline path was taken
+        assert queue._db._inline_writer is not None
+        # Another process holds the write lock for 0.3 s: the write neither
+        # fails nor holds the event loop; it waits in a thread.
+        holder = _hold_lock(path)
+        timer = threading.Timer(0.3, holder.commit)
+        ticks = 0
+
+        async def tick() -> None:
+            nonlocal ticks
+            while True:
+                await anyio.sleep(0.01)
+                ticks += 1
+
+        timer.start()
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(tick)
+                finished = await storage.finish_items(
+                    [(i.id, _result(n)) for n, i in enumerate(started)]
+                )
+                tg.cancel_scope.cancel()
+        finally:
+            timer.join()
+            holder.close()
+        assert [r.id for r in finished] == [request.id]
+        assert ticks >= 10  # the loop kept running while the write waited
+        await queue.ack_many(claims)
+        assert await queue.depth() == 0
+    finally:
+        await queue.close()
+        await storage.close()
+
+
+async def test_inline_writes_checkpoint_the_wal_in_a_thread(tmp_path: Path) -> None:
+    """The inline writer never checkpoints itself; a passive checkpoint runs in a thread."""
+    path = tmp_path / "checkpoint.db"
+    storage = SqliteStorage(path)
+    await storage.open()
+    db = storage._db
+    threads: list[str] = []
+    real = db._checkpoint
+
+    def checkpoint() -> None:
+        threads.append(threading.current_thread().name)
+        real()
+
+    db._checkpoint = checkpoint  # type: ignore[method-assign]
+    try:
+        request, rows, items = sample_request(rows=50, urls_per_row=5)
+        await storage.create_request(request, rows, items)
+        for item in items:  # 250 short writes
+            await storage.start_item(item.id, lease_seconds=30)
+        assert db._inline_writer is not None
+        assert db._inline_writer.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == 0
+        for _ in range(200):
+            if threads and not db._checkpointing:
+                break
+            await anyio.sleep(0.01)
+        assert len(threads) == 1
+        assert threads[0] != threading.current_thread().name
+    finally:
+        await storage.close()

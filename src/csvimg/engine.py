@@ -30,11 +30,12 @@ import os
 import socket
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from types import TracebackType
 from typing import IO, Any, Self
 
 import anyio
+import anyio.abc
 
 from csvimg._errors import (
     CsvimgError,
@@ -387,6 +388,7 @@ class Engine:
         Returns False when the item should be tried again later (a storage
         failure); the caller then leaves its queue message unacknowledged.
         Safe to call twice for the same item (at-least-once queues).
+        `run_worker` does the same for many items at once, in batches.
         """
         s = self.settings
         item = await self.storage.start_item(item_id, lease_seconds=s.lease_seconds)
@@ -396,35 +398,55 @@ class Engine:
         if request is None:  # pragma: no cover - storage keeps them together
             return True
         if item.attempts > s.max_attempts:
-            result = ItemResult.failure(
-                "too-many-attempts",
-                f"gave up after {item.attempts - 1} attempts (a worker died each time)",
-            )
+            result = _too_many_attempts(item)
         else:
             result = await self._run_with_lease(item, request)
         finished = await self.storage.finish_item(item.id, result)
-        ids = {"request_id": request.id, "item_id": item.id, "error_code": result.error_code}
+        self._report_item(item, result)
+        if finished is not None:
+            self._report_finished(finished)
+        return True
+
+    def _report_item(self, item: Item, result: ItemResult) -> None:
+        """Log a finished item and call the `on_item` callbacks."""
+        ids = {"request_id": item.request_id, "item_id": item.id, "error_code": result.error_code}
         if result.ok:
-            log.debug("item %s of request %s done", item.id, request.id, extra=ids)
+            log.debug("item %s of request %s done", item.id, item.request_id, extra=ids)
         else:
             log.warning(
                 "item %s of request %s failed: %s: %s (url %s)",
-                item.id, request.id, result.error_code, result.error_message,
+                item.id, item.request_id, result.error_code, result.error_message,
                 _loggable(item.url), extra=ids,
             )
         for callback in self._on_item:
             callback(item, result)
-        if finished is not None:
-            log.info(
-                "request %s %s: %d done, %d failed",
-                finished.id, finished.status.value, finished.done, finished.failed,
-                extra={"request_id": finished.id},
-            )
-            for on_finished in self._on_request_finished:
-                on_finished(finished)
-        return True
+
+    def _report_finished(self, finished: Request) -> None:
+        """Log a finished request and call the `on_request_finished` callbacks."""
+        log.info(
+            "request %s %s: %d done, %d failed",
+            finished.id, finished.status.value, finished.done, finished.failed,
+            extra={"request_id": finished.id},
+        )
+        for on_finished in self._on_request_finished:
+            on_finished(finished)
+
+    async def _outcome(self, item: Item, request: Request) -> ItemResult:
+        """Fetch, compress and store one item; every failure but `StorageError` is a result."""
+        try:
+            return await self._produce(item, request)
+        except ItemError as exc:
+            return ItemResult.failure(exc.code, exc.message)
+        except StorageError:
+            raise
+        except Exception as exc:
+            log.exception("item %s of request %s: unexpected error", item.id, request.id,
+                          extra={"request_id": request.id, "item_id": item.id,
+                                 "error_code": "internal-error"})
+            return ItemResult.failure("internal-error", f"{type(exc).__name__}: {exc}")
 
     async def _run_with_lease(self, item: Item, request: Request) -> ItemResult:
+        """`_outcome`, extending the item's lease meanwhile (single-item `process_item`)."""
         s = self.settings
         result: ItemResult | None = None
         async with anyio.create_task_group() as tg:
@@ -436,52 +458,11 @@ class Engine:
 
             tg.start_soon(keep_lease)
             try:
-                result = await self._produce(item, request)
-            except ItemError as exc:
-                result = ItemResult.failure(exc.code, exc.message)
-            except StorageError:
-                raise
-            except Exception as exc:
-                log.exception("item %s of request %s: unexpected error", item.id, request.id,
-                              extra={"request_id": request.id, "item_id": item.id,
-                                     "error_code": "internal-error"})
-                result = ItemResult.failure("internal-error", f"{type(exc).__name__}: {exc}")
+                result = await self._outcome(item, request)
             finally:
                 tg.cancel_scope.cancel()
         assert result is not None
         return result
-
-    async def _handle(self, claim: Claim, slots: anyio.Semaphore) -> None:
-        s = self.settings
-        try:
-            async with anyio.create_task_group() as tg:
-
-                async def keep_claim() -> None:
-                    while True:
-                        await anyio.sleep(max(0.5, s.lease_seconds / 3))
-                        await self.queue.extend(claim, lease_seconds=s.lease_seconds)
-
-                tg.start_soon(keep_claim)
-                try:
-                    done = await self.process_item(claim.item_id)
-                finally:
-                    tg.cancel_scope.cancel()
-            if done:
-                await self.queue.ack(claim)
-            else:  # pragma: no cover - process_item returns True or raises
-                await self.queue.release(claim, delay=1.0)
-        except* StorageError as group:
-            # Task groups wrap what they raise (anyio 4), so a storage failure
-            # arrives in an ExceptionGroup: unwrapped here, the worker lives on.
-            exc = _first_leaf(group)
-            log.error("item %s: storage failed, will retry: %s", claim.item_id, exc,
-                      extra={"item_id": claim.item_id, "error_code": "storage-error"})
-            with anyio.CancelScope(shield=True):
-                # If even this fails, the lease runs out and the item comes back.
-                with contextlib.suppress(CsvimgError):
-                    await self.queue.release(claim, delay=min(30.0, 2.0 * claim.deliveries))
-        finally:
-            slots.release()
 
     async def sweep(self) -> int:
         """Re-enqueue items that fell out of the queue (dead workers, crashes).
@@ -513,47 +494,27 @@ class Engine:
         cancelled, in-flight items are abandoned and their leases bring them
         back to another worker. Also runs the sweeper and, when *deliver*,
         the outbox delivery loop.
+
+        Storage and queue are used in batches: the ids of one claim are
+        started with one `Storage.start_items`; finished items are recorded
+        by a group-commit task (one `Storage.finish_items`, then one
+        `Queue.ack_many`, for everything finished since its last round);
+        one task extends every lease this worker holds. Backends without the
+        batch methods are called item by item instead.
         """
-        n = concurrency or self.settings.concurrency
-        slots = anyio.Semaphore(n)
+        worker = _Worker(self, concurrency or self.settings.concurrency)
         stopping = stop or anyio.Event()
         async with anyio.create_task_group() as outer:
             if sweep:
                 outer.start_soon(self._sweep_loop)
             if deliver and self.notifier is not None:
                 outer.start_soon(self.run_outbox)
-            async with anyio.create_task_group() as items:
-                while not stopping.is_set():
-                    await slots.acquire()
-                    if stopping.is_set():  # set while we waited for a free slot
-                        slots.release()
-                        break
-                    free = slots.value + 1
-                    try:
-                        claims = await self.queue.claim(
-                            consumer=self.consumer,
-                            max_items=free,
-                            lease_seconds=self.settings.lease_seconds,
-                            wait=claim_wait,
-                        )
-                    except StorageError as exc:
-                        slots.release()
-                        log.error("queue unavailable, retrying: %s", exc)
-                        await anyio.sleep(1.0)
-                        continue
-                    if not claims:
-                        slots.release()
-                        continue
-                    if stopping.is_set():  # told to stop while waiting: hand them back
-                        slots.release()
-                        for claim in claims:
-                            with contextlib.suppress(CsvimgError):
-                                await self.queue.release(claim)
-                        break
-                    for _ in claims[1:]:
-                        slots.acquire_nowait()
-                    for claim in claims:
-                        items.start_soon(self._handle, claim, slots)
+            outer.start_soon(worker.keep_leases)
+            async with anyio.create_task_group() as flushing:
+                flushing.start_soon(worker.flush_loop)
+                async with anyio.create_task_group() as items:
+                    await worker.claim_loop(items, stopping, claim_wait)
+                worker.close()  # the flusher records what is left, then returns
             outer.cancel_scope.cancel()
 
     async def _sweep_loop(self) -> None:
@@ -632,12 +593,281 @@ class Engine:
         return out
 
 
-def _first_leaf(group: BaseExceptionGroup[Any]) -> BaseException:
-    """The first exception inside *group*, however deeply nested."""
-    first: BaseException = group
-    while isinstance(first, BaseExceptionGroup):
-        first = first.exceptions[0]
-    return first
+_FLUSH_MAX = 256
+"""Most finished items the group-commit task records in one round."""
+
+_REQUEST_CACHE = 256
+"""Requests a worker keeps (for their options) before it forgets them all."""
+
+
+def _too_many_attempts(item: Item) -> ItemResult:
+    return ItemResult.failure(
+        "too-many-attempts",
+        f"gave up after {item.attempts - 1} attempts (a worker died each time)",
+    )
+
+
+# Batch calls, item by item when a backend predates the batch methods.
+
+
+async def _start_items(
+    storage: Storage, item_ids: Sequence[str], lease_seconds: float
+) -> list[Item]:
+    batch = getattr(storage, "start_items", None)
+    if batch is not None:
+        started: list[Item] = await batch(item_ids, lease_seconds=lease_seconds)
+        return started
+    items = [await storage.start_item(i, lease_seconds=lease_seconds) for i in item_ids]
+    return [item for item in items if item is not None]
+
+
+async def _finish_items(
+    storage: Storage, results: Sequence[tuple[str, ItemResult]]
+) -> list[Request]:
+    batch = getattr(storage, "finish_items", None)
+    if batch is not None:
+        finished: list[Request] = await batch(results)
+        return finished
+    requests = [await storage.finish_item(i, result) for i, result in results]
+    return [request for request in requests if request is not None]
+
+
+async def _extend_leases(storage: Storage, item_ids: Sequence[str], lease_seconds: float) -> None:
+    batch = getattr(storage, "extend_leases", None)
+    if batch is not None:
+        await batch(item_ids, lease_seconds=lease_seconds)
+        return
+    for one in item_ids:
+        await storage.extend_lease(one, lease_seconds=lease_seconds)
+
+
+async def _ack_many(queue: Queue, claims: Sequence[Claim]) -> None:
+    batch = getattr(queue, "ack_many", None)
+    if batch is not None:
+        await batch(claims)
+        return
+    for claim in claims:
+        await queue.ack(claim)
+
+
+async def _extend_many(queue: Queue, claims: Sequence[Claim], lease_seconds: float) -> None:
+    batch = getattr(queue, "extend_many", None)
+    if batch is not None:
+        await batch(claims, lease_seconds=lease_seconds)
+        return
+    for claim in claims:
+        await queue.extend(claim, lease_seconds=lease_seconds)
+
+
+class _Worker:
+    """One `Engine.run_worker` loop: claims, in-flight items, the group commit, the leases.
+
+    A claimed id holds a slot from its claim until its result is handed to
+    the flusher (or it is released); its claim stays in ``claims`` and, once
+    started, its item id in ``leased`` until the flusher recorded and acked
+    it, so the lease keeper extends both meanwhile.
+    """
+
+    def __init__(self, engine: Engine, concurrency: int) -> None:
+        self.engine = engine
+        self.slots = anyio.Semaphore(concurrency)
+        self.claims: dict[str, Claim] = {}  # token -> claim, until acked or released
+        self.leased: dict[str, int] = {}  # started item id -> tasks holding it
+        self.waiting: list[tuple[Claim, Item | None, ItemResult | None]] = []
+        self.wakeup = anyio.Event()
+        self.closing = False
+        self.requests: dict[str, Request] = {}
+
+    # -- claiming and processing ------------------------------------------
+
+    async def claim_loop(
+        self, items: anyio.abc.TaskGroup, stopping: anyio.Event, claim_wait: float
+    ) -> None:
+        """Claim up to the free slots, start them in one call, run each in *items*."""
+        engine = self.engine
+        lease = engine.settings.lease_seconds
+        slots = self.slots
+        while not stopping.is_set():
+            await slots.acquire()
+            if stopping.is_set():  # set while we waited for a free slot
+                slots.release()
+                break
+            free = slots.value + 1
+            try:
+                claims = await engine.queue.claim(
+                    consumer=engine.consumer, max_items=free, lease_seconds=lease, wait=claim_wait
+                )
+            except StorageError as exc:
+                slots.release()
+                log.error("queue unavailable, retrying: %s", exc)
+                await anyio.sleep(1.0)
+                continue
+            if not claims:
+                slots.release()
+                continue
+            if stopping.is_set():  # told to stop while waiting: hand them back
+                slots.release()
+                for claim in claims:
+                    with contextlib.suppress(CsvimgError):
+                        await engine.queue.release(claim)
+                break
+            for _ in claims[1:]:
+                slots.acquire_nowait()
+            for claim in claims:
+                self.claims[claim.token] = claim
+            try:
+                started = await _start_items(engine.storage, [c.item_id for c in claims], lease)
+            except StorageError as exc:
+                for claim in claims:
+                    self._storage_failed(claim, exc)
+                await self._release(claims)
+                continue
+            by_id = {item.id: item for item in started}
+            for claim in claims:
+                item = by_id.pop(claim.item_id, None)
+                if item is None:
+                    # Finished already, or another live worker holds it: drop
+                    # this copy of the message (acked with the next flush).
+                    self._hand_over(claim, None, None)
+                    continue
+                self.leased[item.id] = self.leased.get(item.id, 0) + 1
+                items.start_soon(self._run, claim, item)
+
+    async def _run(self, claim: Claim, item: Item) -> None:
+        engine = self.engine
+        try:
+            request = await self._request(item.request_id)
+            if request is None:  # pragma: no cover - storage keeps them together
+                result = None
+            elif item.attempts > engine.settings.max_attempts:
+                result = _too_many_attempts(item)
+            else:
+                result = await engine._outcome(item, request)
+        except StorageError as exc:
+            self._storage_failed(claim, exc)
+            self._unlease(item.id)
+            await self._release([claim])
+            return
+        self._hand_over(claim, item if result is not None else None, result)
+
+    async def _request(self, request_id: str) -> Request | None:
+        """The item's request, for its options (they never change): cached."""
+        request = self.requests.get(request_id)
+        if request is None:
+            request = await self.engine.storage.get_request(request_id)
+            if request is not None:
+                if len(self.requests) >= _REQUEST_CACHE:
+                    self.requests.clear()
+                self.requests[request_id] = request
+        return request
+
+    def _hand_over(self, claim: Claim, item: Item | None, result: ItemResult | None) -> None:
+        """Queue a result (or a bare ack) for the flusher and free the slot."""
+        self.waiting.append((claim, item, result))
+        self.wakeup.set()
+        self.slots.release()
+
+    def _unlease(self, item_id: str) -> None:
+        held = self.leased.get(item_id, 0) - 1
+        if held > 0:
+            self.leased[item_id] = held
+        else:
+            self.leased.pop(item_id, None)
+
+    @staticmethod
+    def _storage_failed(claim: Claim, exc: BaseException) -> None:
+        log.error("item %s: storage failed, will retry: %s", claim.item_id, exc,
+                  extra={"item_id": claim.item_id, "error_code": "storage-error"})
+
+    async def _release(self, claims: Sequence[Claim]) -> None:
+        """Give claims back with a growing delay after a storage failure.
+
+        Items already started come back once their lease ends (the sweeper).
+        """
+        with anyio.CancelScope(shield=True):
+            for claim in claims:
+                self.claims.pop(claim.token, None)
+                # If even this fails, the lease runs out and the item comes back.
+                with contextlib.suppress(CsvimgError):
+                    await self.engine.queue.release(
+                        claim, delay=min(30.0, 2.0 * claim.deliveries)
+                    )
+        for _ in claims:
+            self.slots.release()
+
+    # -- group commit -----------------------------------------------------
+
+    def close(self) -> None:
+        """Tell the flusher to return once nothing waits."""
+        self.closing = True
+        self.wakeup.set()
+
+    async def flush_loop(self) -> None:
+        """Record waiting results, as many as are there, one round after another.
+
+        No timer: a round starts as soon as something waits, and whatever
+        finishes during a round waits for the next one.
+        """
+        while True:
+            if not self.waiting:
+                if self.closing:
+                    return
+                await self.wakeup.wait()
+                self.wakeup = anyio.Event()
+                continue
+            batch = self.waiting[:_FLUSH_MAX]
+            del self.waiting[:_FLUSH_MAX]
+            await self._flush(batch)
+
+    async def _flush(self, batch: list[tuple[Claim, Item | None, ItemResult | None]]) -> None:
+        engine = self.engine
+        results = [(item.id, result) for _, item, result in batch
+                   if item is not None and result is not None]
+        claims = [claim for claim, _, _ in batch]
+        try:
+            finished = await _finish_items(engine.storage, results) if results else []
+        except StorageError as exc:
+            for claim, item, _ in batch:
+                if item is not None:
+                    self._storage_failed(claim, exc)
+                    self._unlease(item.id)
+            with anyio.CancelScope(shield=True):
+                for claim in claims:
+                    self.claims.pop(claim.token, None)
+                    with contextlib.suppress(CsvimgError):
+                        await engine.queue.release(claim, delay=min(30.0, 2.0 * claim.deliveries))
+            return
+        for _, item, result in batch:
+            if item is not None and result is not None:
+                self._unlease(item.id)
+                engine._report_item(item, result)
+        for request in finished:
+            engine._report_finished(request)
+        try:
+            await _ack_many(engine.queue, claims)
+        except StorageError as exc:
+            # Recorded already: redelivered, they are found finished and dropped.
+            log.error("queue: acknowledging %d items failed: %s", len(claims), exc)
+        finally:
+            for claim in claims:
+                self.claims.pop(claim.token, None)
+
+    # -- leases -----------------------------------------------------------
+
+    async def keep_leases(self) -> None:
+        """Every third of a lease, extend every item and claim this worker holds."""
+        lease = self.engine.settings.lease_seconds
+        while True:
+            await anyio.sleep(max(0.5, lease / 3))
+            item_ids = list(self.leased)
+            claims = list(self.claims.values())
+            try:
+                if item_ids:
+                    await _extend_leases(self.engine.storage, item_ids, lease)
+                if claims:
+                    await _extend_many(self.engine.queue, claims, lease)
+            except StorageError as exc:
+                log.error("extending %d leases failed, retrying: %s", len(claims), exc)
 
 
 def _loggable(url: str) -> str:

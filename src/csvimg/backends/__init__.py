@@ -19,6 +19,12 @@ The contract in words (the executable version is `csvimg.testing`):
   consumer and handed out again when the lease expires without `ack`.
   Because delivery is at least once, processing an item twice must be
   harmless, which `Storage.start_item` / `finish_item` guarantee.
+* **Batches**: `Storage.start_items`, `finish_items`, `extend_leases` and
+  `Queue.ack_many`, `extend_many` do what the single-item methods do, for
+  many items in one round trip (one transaction, pipeline or script).
+  Workers use them to pay per batch what they would otherwise pay per item.
+  A backend written before they existed still works: the engine falls back
+  to the single-item methods when a backend lacks them.
 * **BlobStore** keeps output image bytes under keys such as
   ``<request_id>/<seq>.jpg``; `put` is atomic (a reader never sees half a
   blob) and keys cannot escape the store.
@@ -129,6 +135,18 @@ class Storage(Protocol):
     async def extend_lease(self, item_id: str, *, lease_seconds: float) -> bool:
         """Push a PROCESSING item's lease forward; False if no longer ours to hold."""
 
+    async def start_items(self, item_ids: Sequence[str], *, lease_seconds: float) -> list[Item]:
+        """`start_item` for many ids at once, atomically; return the items that started.
+
+        Same rules as `start_item`, id by id in the order given (an id given
+        twice starts once): unknown, finished and live-leased ids are left
+        out of the answer. One transaction (or script): either every
+        started item is leased or none is.
+        """
+
+    async def extend_leases(self, item_ids: Sequence[str], *, lease_seconds: float) -> list[str]:
+        """`extend_lease` for many ids at once; return the ids whose lease was extended."""
+
     async def retry_item(self, item_id: str, *, error_code: str, error_message: str) -> bool:
         """Move PROCESSING -> PENDING after a retryable failure; False if not PROCESSING."""
 
@@ -137,6 +155,17 @@ class Storage(Protocol):
 
         Idempotent: an item that already finished is left as it is. Returns
         the request only when this call finished it (exactly one caller).
+        """
+
+    async def finish_items(self, results: Sequence[tuple[str, ItemResult]]) -> list[Request]:
+        """`finish_item` for many ``(item_id, result)`` pairs, atomically.
+
+        Same rules as `finish_item`, pair by pair in the order given (a
+        second result for one item is ignored). Returns the requests this
+        call finished, each once, with exactly one outbox event recorded for
+        each, even when other callers finish items of the same requests at
+        the same time. One transaction (or script): all results are recorded
+        or none.
         """
 
     async def stale_items(self, *, now: float, pending_before: float, limit: int) -> list[str]:
@@ -212,6 +241,12 @@ class Queue(Protocol):
 
     async def extend(self, claim: Claim, *, lease_seconds: float) -> None:
         """Keep holding a claimed id for *lease_seconds* more."""
+
+    async def ack_many(self, claims: Sequence[Claim]) -> None:
+        """`ack` every claim, in one round trip; claims no longer held are ignored."""
+
+    async def extend_many(self, claims: Sequence[Claim], *, lease_seconds: float) -> None:
+        """`extend` every claim, in one round trip; claims no longer held are ignored."""
 
     async def depth(self) -> int:
         """How many ids wait or are leased (for metrics; may be approximate)."""

@@ -513,6 +513,16 @@ class CeleryQueue:
         """Raise `ConfigError`: there are no claims to hold."""
         raise self._no_claims()
 
+    async def ack_many(self, claims: Sequence[Claim]) -> None:
+        """Raise `ConfigError` (none given: nothing to do): there are no claims."""
+        if claims:
+            raise self._no_claims()
+
+    async def extend_many(self, claims: Sequence[Claim], *, lease_seconds: float) -> None:
+        """Raise `ConfigError` (none given: nothing to do): there are no claims."""
+        if claims:
+            raise self._no_claims()
+
     def _queue_op(
         self, op: Callable[[Any], T], missing: T, *, check: bool = True
     ) -> Callable[[], T]:

@@ -194,26 +194,42 @@ class MemoryStorage:
 
     async def start_item(self, item_id: str, *, lease_seconds: float) -> Item | None:
         """Lease the item (see the protocol)."""
+        with self._lock:
+            return self._start(item_id, now(), lease_seconds)
+
+    def _start(self, item_id: str, at: float, lease_seconds: float) -> Item | None:
+        item = lease_item(self._items.get(item_id), at=at, lease_seconds=lease_seconds)
+        if item is None:
+            return None
+        self._items[item_id] = item
+        request = self._requests[item.request_id]
+        if request.status is RequestStatus.PENDING:
+            self._requests[request.id] = request.with_status(RequestStatus.PROCESSING, at=at)
+        return item
+
+    async def start_items(self, item_ids: Sequence[str], *, lease_seconds: float) -> list[Item]:
+        """Lease many items in one step; return those that started."""
         at = now()
         with self._lock:
-            item = self._items.get(item_id)
-            item = lease_item(item, at=at, lease_seconds=lease_seconds)
-            if item is None:
-                return None
-            self._items[item_id] = item
-            request = self._requests[item.request_id]
-            if request.status is RequestStatus.PENDING:
-                self._requests[request.id] = request.with_status(RequestStatus.PROCESSING, at=at)
-            return item
+            started = (self._start(i, at, lease_seconds) for i in item_ids)
+            return [item for item in started if item is not None]
 
     async def extend_lease(self, item_id: str, *, lease_seconds: float) -> bool:
         """Extend a PROCESSING item's lease."""
+        return bool(await self.extend_leases([item_id], lease_seconds=lease_seconds))
+
+    async def extend_leases(self, item_ids: Sequence[str], *, lease_seconds: float) -> list[str]:
+        """Extend the leases of the PROCESSING items among *item_ids*."""
+        until = now() + lease_seconds
+        extended: list[str] = []
         with self._lock:
-            item = self._items.get(item_id)
-            if item is None or item.status is not ItemStatus.PROCESSING:
-                return False
-            self._items[item_id] = attrs.evolve(item, lease_until=now() + lease_seconds)
-            return True
+            for item_id in item_ids:
+                item = self._items.get(item_id)
+                if item is None or item.status is not ItemStatus.PROCESSING:
+                    continue
+                self._items[item_id] = attrs.evolve(item, lease_until=until)
+                extended.append(item_id)
+        return extended
 
     async def retry_item(self, item_id: str, *, error_code: str, error_message: str) -> bool:
         """PROCESSING -> PENDING."""
@@ -231,18 +247,27 @@ class MemoryStorage:
 
     async def finish_item(self, item_id: str, result: ItemResult) -> Request | None:
         """Record the outcome; idempotent."""
+        with self._lock:
+            return self._finish(item_id, result, now())
+
+    def _finish(self, item_id: str, result: ItemResult, at: float) -> Request | None:
+        item = self._items.get(item_id)
+        if item is None or item.status.finished:
+            return None
+        self._items[item_id] = settle_item(item, result, at=at)
+        request, event = finish_outcome(self._requests[item.request_id], result, at)
+        self._requests[request.id] = request
+        if event is None:
+            return None
+        self._events[event.id] = event
+        return request
+
+    async def finish_items(self, results: Sequence[tuple[str, ItemResult]]) -> list[Request]:
+        """Record many outcomes in one step; return the requests finished."""
         at = now()
         with self._lock:
-            item = self._items.get(item_id)
-            if item is None or item.status.finished:
-                return None
-            self._items[item_id] = settle_item(item, result, at=at)
-            request, event = finish_outcome(self._requests[item.request_id], result, at)
-            self._requests[request.id] = request
-            if event is None:
-                return None
-            self._events[event.id] = event
-            return request
+            finished = (self._finish(i, result, at) for i, result in results)
+            return [request for request in finished if request is not None]
 
     async def stale_items(self, *, now: float, pending_before: float, limit: int) -> list[str]:
         """Items whose lease ran out or that waited too long."""
@@ -426,10 +451,22 @@ class MemoryQueue:
 
     async def extend(self, claim: Claim, *, lease_seconds: float) -> None:
         """Hold the id longer."""
+        await self.extend_many([claim], lease_seconds=lease_seconds)
+
+    async def ack_many(self, claims: Sequence[Claim]) -> None:
+        """Forget every id."""
         with self._lock:
-            leased = self._leased.get(claim.token)
-            if leased is not None:
-                self._leased[claim.token] = (leased[0], now() + lease_seconds, leased[2])
+            for claim in claims:
+                self._leased.pop(claim.token, None)
+
+    async def extend_many(self, claims: Sequence[Claim], *, lease_seconds: float) -> None:
+        """Hold every id longer."""
+        until = now() + lease_seconds
+        with self._lock:
+            for claim in claims:
+                leased = self._leased.get(claim.token)
+                if leased is not None:
+                    self._leased[claim.token] = (leased[0], until, leased[2])
 
     async def depth(self) -> int:
         """Waiting plus leased ids."""

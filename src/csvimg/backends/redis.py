@@ -1044,12 +1044,58 @@ class RedisStorage:
         """`start_item` as the call named *token* (a replay answers the same)."""
         at = now()
         with self._conn.errors("starting an item"):
-            raw = await self._script(
-                "start",
-                [self._k_item(item_id), self._k_pending, self._k_leases],
-                [_t(at), _t(at + lease_seconds), item_id, self.prefix, token],
-            )
+            raw = await self._script("start", *self._start_call(item_id, at, lease_seconds, token))
         return None if raw is None else self._item(item_id, _pairs(raw))
+
+    def _start_call(
+        self, item_id: str, at: float, lease_seconds: float, token: str
+    ) -> tuple[list[str], list[str | int]]:
+        return (
+            [self._k_item(item_id), self._k_pending, self._k_leases],
+            [_t(at), _t(at + lease_seconds), item_id, self.prefix, token],
+        )
+
+    async def _pipelined(
+        self, doing: str, calls: Sequence[tuple[str, list[str], list[str | int]]]
+    ) -> list[Any]:
+        """Run scripts in one MULTI/EXEC round trip; return their answers in order.
+
+        Each script is replay-safe on its own (a token per call), so the
+        client may send the whole transaction again after a broken
+        connection.
+        """
+        with self._conn.errors(doing):
+            async with self._r.pipeline(transaction=True) as pipe:
+                for name, keys, args in calls:
+                    await self._scripts[name](keys=keys, args=args, client=pipe)
+                return list(await pipe.execute())
+
+    async def start_items(self, item_ids: Sequence[str], *, lease_seconds: float) -> list[Item]:
+        """Lease many items: one start script each, all in one MULTI/EXEC."""
+        if not item_ids:
+            return []
+        at = now()
+        calls = [
+            ("start", *self._start_call(i, at, lease_seconds, uuid.uuid4().hex)) for i in item_ids
+        ]
+        answers = await self._pipelined("starting items", calls)
+        return [
+            self._item(i, _pairs(raw))
+            for i, raw in zip(item_ids, answers, strict=True)
+            if raw is not None
+        ]
+
+    async def extend_leases(self, item_ids: Sequence[str], *, lease_seconds: float) -> list[str]:
+        """Push the leases of the PROCESSING items among *item_ids*: one round trip."""
+        if not item_ids:
+            return []
+        until = _t(now() + lease_seconds)
+        calls: list[tuple[str, list[str], list[str | int]]] = [
+            ("extend", [self._k_item(i), self._k_leases], [until, i, self.prefix])
+            for i in item_ids
+        ]
+        answers = await self._pipelined("extending leases", calls)
+        return [i for i, ok in zip(item_ids, answers, strict=True) if ok]
 
     async def extend_lease(self, item_id: str, *, lease_seconds: float) -> bool:
         """Push a PROCESSING item's lease to now + *lease_seconds*."""
@@ -1078,6 +1124,24 @@ class RedisStorage:
 
     async def _finish(self, item_id: str, result: ItemResult, event_id: str) -> Request | None:
         """`finish_item` as the call named *event_id* (a replay answers the same)."""
+        with self._conn.errors("finishing an item"):
+            raw = await self._script("finish", *self._finish_call(item_id, result, event_id))
+        return None if raw is None else self._request(_pairs(raw))
+
+    async def finish_items(self, results: Sequence[tuple[str, ItemResult]]) -> list[Request]:
+        """Record many outcomes: one finish script each, all in one MULTI/EXEC."""
+        if not results:
+            return []
+        calls = [
+            ("finish", *self._finish_call(i, result, f"msg_{uuid.uuid4().hex}"))
+            for i, result in results
+        ]
+        answers = await self._pipelined("finishing items", calls)
+        return [self._request(_pairs(raw)) for raw in answers if raw is not None]
+
+    def _finish_call(
+        self, item_id: str, result: ItemResult, event_id: str
+    ) -> tuple[list[str], list[str | int]]:
         values = {
             "output_key": result.output_key,
             "content_type": result.content_type,
@@ -1096,13 +1160,7 @@ class RedisStorage:
         for name, value in present:
             args += [name, value]
         args += absent
-        with self._conn.errors("finishing an item"):
-            raw = await self._script(
-                "finish",
-                [self._k_item(item_id), self._k_pending, self._k_leases, self._k_due],
-                args,
-            )
-        return None if raw is None else self._request(_pairs(raw))
+        return [self._k_item(item_id), self._k_pending, self._k_leases, self._k_due], args
 
     async def stale_items(self, *, now: float, pending_before: float, limit: int) -> list[str]:
         """Ids of expired leases (moved back to PENDING) and forgotten PENDING items."""
@@ -1392,6 +1450,33 @@ class RedisQueue:
                 keys=[self.stream, self.leases],
                 args=[GROUP, *self._token(claim), _t(now() + lease_seconds)],
             )
+
+    async def ack_many(self, claims: Sequence[Claim]) -> None:
+        """Remove every entry these claims still hold: one pipelined round trip."""
+        if not claims:
+            return
+        tokens = [self._token(c) for c in claims]
+        with self._conn.errors("acknowledging"):
+            async with self._r.pipeline(transaction=False) as pipe:
+                for token in tokens:
+                    await self._ack_script(
+                        keys=[self.stream, self.leases], args=[GROUP, *token], client=pipe
+                    )
+                await pipe.execute()
+
+    async def extend_many(self, claims: Sequence[Claim], *, lease_seconds: float) -> None:
+        """Hold every id these claims still hold until *lease_seconds* from now: one round trip."""
+        if not claims:
+            return
+        tokens = [self._token(c) for c in claims]
+        until = _t(now() + lease_seconds)
+        with self._conn.errors("extending claims"):
+            async with self._r.pipeline(transaction=False) as pipe:
+                for token in tokens:
+                    await self._extend_script(
+                        keys=[self.stream, self.leases], args=[GROUP, *token, until], client=pipe
+                    )
+                await pipe.execute()
 
     async def depth(self) -> int:
         """Entries in the stream (waiting or leased) plus delayed ids."""

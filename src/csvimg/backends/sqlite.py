@@ -27,7 +27,10 @@ How it stays correct under concurrency:
   redelivery and the stale-item sweep cover the loss.
 
 Blocking sqlite3 calls run in worker threads (`anyio.to_thread.run_sync`),
-each borrowing a connection from a small pool. Nothing is kept only in
+each borrowing a connection from a small pool, except point reads and short
+writes (leasing, finishing, acknowledging a batch of items), which run on
+the event loop with connections that never wait for a lock: when another
+process holds it, they fall back to the pool (see `_Database.write`). Nothing is kept only in
 memory: a new process opening the file carries on where another stopped.
 Any `sqlite3.Error` surfaces as `StorageError`.
 """
@@ -149,6 +152,9 @@ class _Database:
         self._limiter: anyio.CapacityLimiter | None = None
         self._write_lock: anyio.Lock | None = None
         self._inline: sqlite3.Connection | None = None
+        self._inline_writer: sqlite3.Connection | None = None
+        self._commits = 0
+        self._checkpointing = False
         self._open = False
 
     def _connect(self) -> sqlite3.Connection:
@@ -233,18 +239,83 @@ class _Database:
         except sqlite3.Error as exc:
             raise StorageError(_describe(exc, self.path, self.busy_timeout)) from exc
 
-    async def write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+    async def write(self, fn: Callable[[sqlite3.Connection], T], *, short: bool = False) -> T:
         """Run *fn* inside one ``BEGIN IMMEDIATE`` transaction.
 
         One write at a time per process: SQLite runs one writer anyway, and a
         writer waiting here rather than in SQLite's busy handler (which sleeps
         up to 100 ms between tries) neither wastes those sleeps nor holds a
         pool thread that a read (a status request) could use.
+
+        A *short* write (a few rows by primary key: leasing, finishing,
+        acknowledging a batch) runs on the calling thread, as `read` does:
+        the thread hop costs more than the statements. Its connection never
+        waits for the lock (busy timeout 0): when another process holds it,
+        the write yields to the event loop and tries again a few times over
+        ~15 ms, then waits in a pool thread like any other write. That
+        connection does not checkpoint the WAL itself (the checkpoint's
+        fsync would stall the loop): every `_CHECKPOINT_EVERY` commits a
+        passive checkpoint runs in a thread of its own.
         """
         if self._write_lock is None:
             self._write_lock = anyio.Lock()  # like the limiter: one per event loop
         async with self._write_lock:
+            if short:
+                for pause in _INLINE_WRITE_PAUSES:
+                    done, result = self._write_inline(fn)
+                    if done:
+                        self._committed_inline()
+                        return result  # type: ignore[return-value]
+                    await anyio.sleep(pause)
             return await self.run(lambda conn: _in_transaction(conn, fn))
+
+    def _write_inline(self, fn: Callable[[sqlite3.Connection], T]) -> tuple[bool, T | None]:
+        """Try *fn* in a transaction on this thread: (False, None) if the lock is taken."""
+        conn = self._inline_writer
+        try:
+            if conn is None:
+                with self._lock:
+                    if not self._open:
+                        raise StorageError(f"sqlite database {self.path} is closed")
+                conn = self._connect()
+                conn.execute("PRAGMA busy_timeout = 0")
+                conn.execute("PRAGMA wal_autocheckpoint = 0")
+                self._inline_writer = conn
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+            except sqlite3.OperationalError as exc:
+                if _is_busy(exc):
+                    return False, None
+                raise
+            try:
+                result = fn(conn)
+            except BaseException:
+                conn.rollback()
+                raise
+            conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            if conn is not None and conn.in_transaction:
+                conn.rollback()
+            raise StorageError(_describe(exc, self.path, self.busy_timeout)) from exc
+        return True, result
+
+    def _committed_inline(self) -> None:
+        self._commits += 1
+        if self._commits < _CHECKPOINT_EVERY or self._checkpointing:
+            return
+        self._commits = 0
+        self._checkpointing = True
+        threading.Thread(
+            target=self._checkpoint, name=f"csvimg-checkpoint-{self.path.name}", daemon=True
+        ).start()
+
+    def _checkpoint(self) -> None:
+        try:
+            self.call(lambda conn: conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall())
+        except StorageError:  # pragma: no cover - closed meanwhile; a later one catches up
+            pass
+        finally:
+            self._checkpointing = False
 
     async def open(self) -> None:
         """Create the folder, switch to WAL and create the schema."""
@@ -289,12 +360,29 @@ class _Database:
         if self._inline is not None:
             idle.append(self._inline)
             self._inline = None
+        if self._inline_writer is not None:
+            idle.append(self._inline_writer)
+            self._inline_writer = None
         for conn in idle:
             conn.close()
 
     async def ping(self) -> None:
         """Raise `StorageError` unless a query answers."""
         await self.run(lambda conn: conn.execute("SELECT 1").fetchone())
+
+
+_INLINE_WRITE_PAUSES = (0.0005, 0.001, 0.002, 0.004, 0.008)
+"""Pauses between tries of a short write on the event loop while another process writes."""
+
+_CHECKPOINT_EVERY = 200
+"""Short writes between two passive WAL checkpoints (in a thread)."""
+
+
+def _is_busy(exc: sqlite3.OperationalError) -> bool:
+    code = getattr(exc, "sqlite_errorcode", None)
+    if code is not None:
+        return code & 0xFF in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
+    return "locked" in str(exc) or "busy" in str(exc)  # pragma: no cover - Python < 3.11
 
 
 def _in_transaction(conn: sqlite3.Connection, fn: Callable[[sqlite3.Connection], T]) -> T:
@@ -510,6 +598,73 @@ def _save_item(conn: sqlite3.Connection, item: Item) -> None:
     )
 
 
+def _start(
+    conn: sqlite3.Connection, item_id: str, at: float, lease_seconds: float
+) -> Item | None:
+    """Lease one item inside the caller's write transaction (see `Storage.start_item`)."""
+    # A lease that ran out (its worker died) is taken over.
+    item = lease_item(_get_item(conn, item_id), at=at, lease_seconds=lease_seconds)
+    if item is None:
+        return None
+    _save_item(conn, item)
+    row = conn.execute("SELECT status FROM requests WHERE id = ?", (item.request_id,)).fetchone()
+    if row is not None and row[0] == RequestStatus.PENDING.value:
+        check_request(RequestStatus.PENDING, RequestStatus.PROCESSING)
+        conn.execute(
+            "UPDATE requests SET status = ?, updated_at = ? WHERE id = ?",
+            (RequestStatus.PROCESSING.value, at, item.request_id),
+        )
+    return item
+
+
+def _finish(
+    conn: sqlite3.Connection, item_id: str, result: ItemResult, at: float
+) -> Request | None:
+    """Record one outcome inside the caller's write transaction (see `Storage.finish_item`).
+
+    The write transaction makes the read-modify-write of the counters safe
+    across threads and processes: only one caller can see the last item finish.
+    """
+    item = _get_item(conn, item_id)
+    if item is None or item.status.finished:
+        return None
+    _save_item(conn, settle_item(item, result, at=at))
+    request = _get_request(conn, item.request_id)
+    if request is None:  # pragma: no cover - items never outlive requests
+        raise StorageError(f"item {item_id} has no request {item.request_id}")
+    updated, event = finish_outcome(request, result, at)
+    # Relative increments, although the write lock makes them equal to
+    # `updated`'s values: they stay right even if someone edits by hand.
+    conn.execute(
+        "UPDATE requests SET done = done + ?, failed = failed + ?, status = ?, "
+        "updated_at = ? WHERE id = ?",
+        (
+            updated.done - request.done,
+            updated.failed - request.failed,
+            updated.status.value,
+            at,
+            request.id,
+        ),
+    )
+    if event is None:
+        return None
+    conn.execute(
+        "INSERT INTO events (id, type, request_id, owner, callback_url, created_at, "
+        "attempts, next_attempt_at, lease_until) VALUES (?, ?, ?, ?, ?, ?, ?, ?, NULL)",
+        (
+            event.id,
+            event.type,
+            event.request_id,
+            event.owner,
+            event.callback_url,
+            event.created_at,
+            event.attempts,
+            event.next_attempt_at,
+        ),
+    )
+    return updated
+
+
 class SqliteStorage:
     """Storage in one SQLite file; see `csvimg.backends.Storage`.
 
@@ -667,39 +822,44 @@ class SqliteStorage:
 
     async def start_item(self, item_id: str, *, lease_seconds: float) -> Item | None:
         """Lease the item (see the protocol), in one write transaction."""
+        return await self._db.write(
+            lambda conn: _start(conn, item_id, now(), lease_seconds), short=True
+        )
 
-        def start(conn: sqlite3.Connection) -> Item | None:
+    async def start_items(self, item_ids: Sequence[str], *, lease_seconds: float) -> list[Item]:
+        """Lease many items in one write transaction; return those that started."""
+        if not item_ids:
+            return []
+
+        def start(conn: sqlite3.Connection) -> list[Item]:
             at = now()
-            item = _get_item(conn, item_id)
-            # A lease that ran out (its worker died) is taken over.
-            item = lease_item(item, at=at, lease_seconds=lease_seconds)
-            if item is None:
-                return None
-            _save_item(conn, item)
-            row = conn.execute(
-                "SELECT status FROM requests WHERE id = ?", (item.request_id,)
-            ).fetchone()
-            if row is not None and row[0] == RequestStatus.PENDING.value:
-                check_request(RequestStatus.PENDING, RequestStatus.PROCESSING)
-                conn.execute(
-                    "UPDATE requests SET status = ?, updated_at = ? WHERE id = ?",
-                    (RequestStatus.PROCESSING.value, at, item.request_id),
-                )
-            return item
+            started = (_start(conn, i, at, lease_seconds) for i in item_ids)
+            return [item for item in started if item is not None]
 
-        return await self._db.write(start)
+        return await self._db.write(start, short=True)
 
     async def extend_lease(self, item_id: str, *, lease_seconds: float) -> bool:
         """Push a PROCESSING item's lease forward."""
+        return bool(await self.extend_leases([item_id], lease_seconds=lease_seconds))
 
-        def extend(conn: sqlite3.Connection) -> bool:
-            cur = conn.execute(
-                "UPDATE items SET lease_until = ? WHERE id = ? AND status = ?",
-                (now() + lease_seconds, item_id, ItemStatus.PROCESSING.value),
-            )
-            return cur.rowcount > 0
+    async def extend_leases(self, item_ids: Sequence[str], *, lease_seconds: float) -> list[str]:
+        """Push the leases of the PROCESSING items among *item_ids* forward: one transaction."""
+        if not item_ids:
+            return []
 
-        return await self._db.write(extend)
+        def extend(conn: sqlite3.Connection) -> list[str]:
+            until = now() + lease_seconds
+            extended = []
+            for item_id in item_ids:
+                cur = conn.execute(
+                    "UPDATE items SET lease_until = ? WHERE id = ? AND status = ?",
+                    (until, item_id, ItemStatus.PROCESSING.value),
+                )
+                if cur.rowcount > 0:
+                    extended.append(item_id)
+            return extended
+
+        return await self._db.write(extend, short=True)
 
     async def retry_item(self, item_id: str, *, error_code: str, error_message: str) -> bool:
         """Move PROCESSING -> PENDING, keeping the error for the record."""
@@ -723,49 +883,21 @@ class SqliteStorage:
 
     async def finish_item(self, item_id: str, result: ItemResult) -> Request | None:
         """Record the outcome, bump counters, maybe finish the request: one transaction."""
+        return await self._db.write(
+            lambda conn: _finish(conn, item_id, result, now()), short=True
+        )
 
-        def finish(conn: sqlite3.Connection) -> Request | None:
+    async def finish_items(self, results: Sequence[tuple[str, ItemResult]]) -> list[Request]:
+        """`finish_item` for every pair, all in one write transaction."""
+        if not results:
+            return []
+
+        def finish(conn: sqlite3.Connection) -> list[Request]:
             at = now()
-            item = _get_item(conn, item_id)
-            if item is None or item.status.finished:
-                return None
-            _save_item(conn, settle_item(item, result, at=at))
-            request = _get_request(conn, item.request_id)
-            if request is None:  # pragma: no cover - items never outlive requests
-                raise StorageError(f"item {item_id} has no request {item.request_id}")
-            updated, event = finish_outcome(request, result, at)
-            # Relative increments, although the write lock makes them equal to
-            # `updated`'s values: they stay right even if someone edits by hand.
-            conn.execute(
-                "UPDATE requests SET done = done + ?, failed = failed + ?, status = ?, "
-                "updated_at = ? WHERE id = ?",
-                (
-                    updated.done - request.done,
-                    updated.failed - request.failed,
-                    updated.status.value,
-                    at,
-                    request.id,
-                ),
-            )
-            if event is None:
-                return None
-            conn.execute(
-                "INSERT INTO events (id, type, request_id, owner, callback_url, created_at, "
-                "attempts, next_attempt_at, lease_until) VALUES (?, ?, ?, ?, ?, ?, ?, ?, NULL)",
-                (
-                    event.id,
-                    event.type,
-                    event.request_id,
-                    event.owner,
-                    event.callback_url,
-                    event.created_at,
-                    event.attempts,
-                    event.next_attempt_at,
-                ),
-            )
-            return updated
+            finished = (_finish(conn, i, result, at) for i, result in results)
+            return [request for request in finished if request is not None]
 
-        return await self._db.write(finish)
+        return await self._db.write(finish, short=True)
 
     async def stale_items(self, *, now: float, pending_before: float, limit: int) -> list[str]:
         """Take back ended leases, touch forgotten PENDING items; return their ids.
@@ -1031,15 +1163,20 @@ class SqliteQueue:
         await self._db.write(insert)
         self._wake()
 
-    def _take(
-        self, conn: sqlite3.Connection, consumer: str, max_items: int, lease_seconds: float
+    async def _take(
+        self, consumer: str, max_items: int, lease_seconds: float
     ) -> tuple[list[Claim], float | None]:
-        at = now()
-        # A plain read first: an empty queue must not take the write lock
-        # on every poll of every idle worker.
-        if conn.execute(_ANY_READY, (at,)).fetchone() is None:
+        def peek(conn: sqlite3.Connection) -> float | None:
+            if conn.execute(_ANY_READY, (now(),)).fetchone() is not None:
+                return None
             due = conn.execute("SELECT min(available_at) FROM queue").fetchone()[0]
-            return [], due
+            return float("inf") if due is None else float(due)
+
+        # A plain read first (on the loop: one index probe): an empty queue
+        # must not take the write lock on every poll of every idle worker.
+        due = await self._db.read(peek)
+        if due is not None:
+            return [], None if due == float("inf") else due
 
         def lease(conn: sqlite3.Connection) -> list[Claim]:
             at = now()
@@ -1062,7 +1199,7 @@ class SqliteQueue:
             )
             return claims
 
-        return _in_transaction(conn, lease), None
+        return await self._db.write(lease, short=True), None
 
     async def claim(
         self, *, consumer: str, max_items: int, lease_seconds: float, wait: float
@@ -1071,9 +1208,7 @@ class SqliteQueue:
         deadline = anyio.current_time() + wait
         pause = self.poll_min
         while True:
-            claims, due = await self._db.run(
-                lambda conn: self._take(conn, consumer, max_items, lease_seconds)
-            )
+            claims, due = await self._take(consumer, max_items, lease_seconds)
             remaining = deadline - anyio.current_time()
             if claims or remaining <= 0:
                 return claims
@@ -1092,7 +1227,7 @@ class SqliteQueue:
         if rid is None:
             return
         await self._db.write(
-            lambda conn: conn.execute(sql, (*params, rid, claim.token))
+            lambda conn: conn.execute(sql, (*params, rid, claim.token)), short=True
         )
 
     async def ack(self, claim: Claim) -> None:
@@ -1111,13 +1246,34 @@ class SqliteQueue:
 
     async def extend(self, claim: Claim, *, lease_seconds: float) -> None:
         """Hold the id *lease_seconds* more, if this claim still holds it."""
-        until = now() + lease_seconds
-        await self._update(
-            claim,
-            "UPDATE queue SET lease_until = ?, available_at = ? WHERE id = ? AND lease_token = ?",
-            until,
-            until,
-        )
+        await self.extend_many([claim], lease_seconds=lease_seconds)
+
+    async def ack_many(self, claims: Sequence[Claim]) -> None:
+        """Delete the ids these claims still hold: one transaction."""
+        rows = [(rid, c.token) for c in claims if (rid := _token_row(c.token)) is not None]
+        if rows:
+            await self._db.write(
+                lambda conn: conn.executemany(
+                    "DELETE FROM queue WHERE id = ? AND lease_token = ?", rows
+                ),
+                short=True,
+            )
+
+    async def extend_many(self, claims: Sequence[Claim], *, lease_seconds: float) -> None:
+        """Hold the ids these claims still hold *lease_seconds* more: one transaction."""
+        rows = [c for c in claims if _token_row(c.token) is not None]
+        if not rows:
+            return
+
+        def extend(conn: sqlite3.Connection) -> None:
+            until = now() + lease_seconds
+            conn.executemany(
+                "UPDATE queue SET lease_until = ?, available_at = ? "
+                "WHERE id = ? AND lease_token = ?",
+                ((until, until, _token_row(c.token), c.token) for c in rows),
+            )
+
+        await self._db.write(extend, short=True)
 
     async def depth(self) -> int:
         """Count waiting plus leased ids."""

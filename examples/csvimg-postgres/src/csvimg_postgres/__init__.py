@@ -471,6 +471,36 @@ async def _save_item(conn: psycopg.AsyncConnection[Any], item: Item) -> None:
     )
 
 
+async def _lock_items(
+    conn: psycopg.AsyncConnection[Any], item_ids: Sequence[str]
+) -> dict[str, Item]:
+    """Lock the rows of *item_ids* (the known ones) in id order; return them by id."""
+    cur = await conn.execute(
+        _SELECT_ITEMS + " WHERE id = ANY(%s) ORDER BY id FOR UPDATE",
+        (sorted(set(item_ids)),),
+    )
+    return {item.id: item for item in map(_item_from, await cur.fetchall())}
+
+
+async def _save_items(conn: psycopg.AsyncConnection[Any], items: Sequence[Item]) -> None:
+    if not items:
+        return
+    async with conn.cursor() as cur:
+        await cur.executemany(
+            "UPDATE items SET status = %s, attempts = %s, lease_until = %s, output_key = %s, "
+            "content_type = %s, bytes_in = %s, bytes_out = %s, width = %s, height = %s, "
+            "error_code = %s, error_message = %s, updated_at = %s WHERE id = %s",
+            [
+                (
+                    i.status.value, i.attempts, i.lease_until, i.output_key, i.content_type,
+                    i.bytes_in, i.bytes_out, i.width, i.height, i.error_code, i.error_message,
+                    i.updated_at, i.id,
+                )
+                for i in items
+            ],
+        )
+
+
 class PostgresStorage:
     """Storage in PostgreSQL tables; see `csvimg.backends.Storage`.
 
@@ -653,6 +683,47 @@ class PostgresStorage:
             )
             return cur.rowcount > 0
 
+    async def start_items(self, item_ids: Sequence[str], *, lease_seconds: float) -> list[Item]:
+        """Lease many items in one transaction: item rows locked (in id order), then requests."""
+        if not item_ids:
+            return []
+        async with self._pool.transaction() as conn:
+            found = await _lock_items(conn, item_ids)
+            at = now()
+            started: list[Item] = []
+            for item_id in item_ids:
+                item = lease_item(found.get(item_id), at=at, lease_seconds=lease_seconds)
+                if item is None:
+                    continue
+                found[item_id] = item
+                started.append(item)
+            await _save_items(conn, started)
+            check_request(RequestStatus.PENDING, RequestStatus.PROCESSING)
+            await conn.execute(
+                "UPDATE requests SET status = %s, updated_at = %s "
+                "WHERE id = ANY(%s) AND status = %s",
+                (
+                    RequestStatus.PROCESSING.value,
+                    at,
+                    sorted({i.request_id for i in started}),
+                    RequestStatus.PENDING.value,
+                ),
+            )
+            return started
+
+    async def extend_leases(self, item_ids: Sequence[str], *, lease_seconds: float) -> list[str]:
+        """Push the leases of the PROCESSING items among *item_ids*: one statement."""
+        if not item_ids:
+            return []
+        async with self._pool.connection() as conn:
+            cur = await conn.execute(
+                "UPDATE items SET lease_until = %s WHERE id = ANY(%s) AND status = %s "
+                "RETURNING id",
+                (now() + lease_seconds, list(item_ids), ItemStatus.PROCESSING.value),
+            )
+            extended = {r[0] for r in await cur.fetchall()}
+        return [i for i in dict.fromkeys(item_ids) if i in extended]
+
     async def retry_item(self, item_id: str, *, error_code: str, error_message: str) -> bool:
         """Move PROCESSING -> PENDING, keeping the error for the record."""
         async with self._pool.transaction() as conn:
@@ -714,6 +785,56 @@ class PostgresStorage:
             return updated
 
     # --8<-- [end:finish_item]
+
+    async def finish_items(self, results: Sequence[tuple[str, ItemResult]]) -> list[Request]:
+        """`finish_item` for every pair in one transaction: items locked, then requests.
+
+        Rows are locked in id order (items first, then requests, as every
+        transaction here does), so concurrent batches cannot deadlock.
+        """
+        if not results:
+            return []
+        async with self._pool.transaction() as conn:
+            items = await _lock_items(conn, [i for i, _ in results])
+            at = now()
+            settled: dict[str, tuple[Item, ItemResult]] = {}
+            for item_id, result in results:
+                item = items.get(item_id)
+                if item is None or item.status.finished or item_id in settled:
+                    continue
+                settled[item_id] = (settle_item(item, result, at=at), result)
+            if not settled:
+                return []
+            await _save_items(conn, [item for item, _ in settled.values()])
+            cur = await conn.execute(
+                _SELECT_REQUESTS + " WHERE id = ANY(%s) ORDER BY id FOR UPDATE",
+                (sorted({item.request_id for item, _ in settled.values()}),),
+            )
+            requests = {r.id: r for r in map(_request_from, await cur.fetchall())}
+            finished: list[Request] = []
+            events: list[Event] = []
+            for item, result in settled.values():
+                updated, event = finish_outcome(requests[item.request_id], result, at)
+                requests[updated.id] = updated
+                if event is not None:
+                    finished.append(updated)
+                    events.append(event)
+            async with conn.cursor() as cur:
+                await cur.executemany(
+                    "UPDATE requests SET done = %s, failed = %s, status = %s, updated_at = %s "
+                    "WHERE id = %s",
+                    [(r.done, r.failed, r.status.value, at, r.id) for r in requests.values()],
+                )
+                await cur.executemany(
+                    "INSERT INTO events (id, type, request_id, owner, callback_url, created_at, "
+                    "attempts, next_attempt_at) VALUES (%s, %s, %s, %s, %s, %s, %s, %s)",
+                    [
+                        (e.id, e.type, e.request_id, e.owner, e.callback_url, e.created_at,
+                         e.attempts, e.next_attempt_at)
+                        for e in events
+                    ],
+                )
+            return finished
 
     async def stale_items(self, *, now: float, pending_before: float, limit: int) -> list[str]:
         """Take back ended leases, touch forgotten PENDING items; return their ids.
@@ -1032,6 +1153,38 @@ class PostgresQueue:
             until,
             until,
         )
+
+    @staticmethod
+    def _rows(claims: Sequence[Claim]) -> tuple[list[int], list[str]]:
+        held = [(rid, c.token) for c in claims if (rid := _token_row(c.token)) is not None]
+        return [r for r, _ in held], [t for _, t in held]
+
+    async def ack_many(self, claims: Sequence[Claim]) -> None:
+        """Delete the ids these claims still hold: one statement."""
+        ids, tokens = self._rows(claims)
+        if not ids:
+            return
+        async with self._pool.connection() as conn:
+            await conn.execute(
+                "DELETE FROM queue_entries q "
+                "USING unnest(%s::bigint[], %s::text[]) AS t(id, token) "
+                "WHERE q.id = t.id AND q.lease_token = t.token",
+                (ids, tokens),
+            )
+
+    async def extend_many(self, claims: Sequence[Claim], *, lease_seconds: float) -> None:
+        """Hold the ids these claims still hold *lease_seconds* more: one statement."""
+        ids, tokens = self._rows(claims)
+        if not ids:
+            return
+        until = now() + lease_seconds
+        async with self._pool.connection() as conn:
+            await conn.execute(
+                "UPDATE queue_entries q SET lease_until = %s, available_at = %s "
+                "FROM unnest(%s::bigint[], %s::text[]) AS t(id, token) "
+                "WHERE q.id = t.id AND q.lease_token = t.token",
+                (until, until, ids, tokens),
+            )
 
     async def depth(self) -> int:
         """Count waiting plus leased ids."""
