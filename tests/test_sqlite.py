@@ -6,6 +6,7 @@ timeouts, URL parsing, bulk inserts, broken files.
 
 from __future__ import annotations
 
+import json
 import multiprocessing
 import random
 import sqlite3
@@ -18,6 +19,7 @@ import anyio
 import pytest
 
 from csvimg._errors import ConfigError, StorageError
+from csvimg.backends import sqlite as sqlite_module
 from csvimg.backends.sqlite import SqliteQueue, SqliteStorage, parse_sqlite_url
 from csvimg.jobs import (
     Item,
@@ -170,8 +172,18 @@ async def test_duplicate_item_ids_write_nothing(storage: SqliteStorage, db: Path
     assert await storage.list_items(request.id) == []
 
 
+@pytest.mark.parametrize(
+    "strings",
+    [(), ("",), ("1", "Café ☕", 'say "hi", twice', "line\nbreak\t\x00", "\\", "\ud800"),
+     ("https://a.example/1.jpg", "https://a.example/2.jpg?x=1&y=\u2028")],
+)
+def test_row_cells_encode_as_json_dumps_does(strings: tuple[str, ...]) -> None:
+    """The rows table keeps json.dumps's format (old files, old readers)."""
+    assert sqlite_module._dumps(strings) == json.dumps(list(strings))
+
+
 async def test_old_item_indexes_are_replaced(db: Path) -> None:
-    """A file made by an earlier version loses its full status indexes for partial ones."""
+    """A file made by an earlier version loses its three full item indexes."""
     with sqlite3.connect(db) as conn:
         conn.execute(
             "CREATE TABLE items (id TEXT PRIMARY KEY, request_id TEXT NOT NULL, "
@@ -183,6 +195,7 @@ async def test_old_item_indexes_are_replaced(db: Path) -> None:
         )
         conn.execute("CREATE INDEX items_status_lease ON items (status, lease_until)")
         conn.execute("CREATE INDEX items_status_updated ON items (status, updated_at)")
+        conn.execute("CREATE INDEX items_request_seq ON items (request_id, seq)")
         conn.execute(
             "INSERT INTO items (id, request_id, seq, row, position, url, status, attempts, "
             "updated_at) VALUES ('old.0', 'old', 0, 0, 0, 'https://x/', 'PENDING', 0, 1.0)"
@@ -199,8 +212,8 @@ async def test_old_item_indexes_are_replaced(db: Path) -> None:
             "EXPLAIN QUERY PLAN SELECT id FROM items WHERE status = 'PROCESSING' "
             "AND lease_until < 1"
         ).fetchall()
-    assert {"items_leased", "items_pending", "items_request_seq"} <= names
-    assert not {"items_status_lease", "items_status_updated"} & names
+    assert {"items_leased", "items_pending"} <= names
+    assert not {"items_status_lease", "items_status_updated", "items_request_seq"} & names
     assert "items_leased" in str(plan)
 
 

@@ -292,15 +292,16 @@ class ItemIds(Sequence[str]):
         return f"ItemIds({self.request_id!r}, {self.total})"
 
 
-def item_rows(rows: Iterable[Row]) -> Iterator[tuple[int, int, int, str]]:
+def item_rows(rows: Iterable[Row], *, start: int = 0) -> Iterator[tuple[int, int, int, str]]:
     """Yield ``(seq, row, position, url)`` for every URL of *rows*, in order.
 
     The items a storage derives from a request's rows in `create_request`:
     item number ``seq`` (counted from 0 over all rows, in row then position
     order) has the id ``item_id(request_id, seq)``. Plain tuples, so that
     a storage can insert 300,000 items without building an `Item` each.
+    *start* is the ``seq`` of the first URL, for rows taken in chunks.
     """
-    seq = 0
+    seq = start
     for row in rows:
         index = row.index
         for position, url in enumerate(row.urls):
