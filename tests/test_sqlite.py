@@ -30,6 +30,7 @@ from csvimg.jobs import (
     RequestStatus,
     Row,
     item_id,
+    item_rows,
     new_id,
     now,
 )
@@ -170,6 +171,44 @@ async def test_duplicate_item_ids_write_nothing(storage: SqliteStorage, db: Path
     assert await storage.get_request(request.id) is None
     assert await storage.list_rows(request.id) == []
     assert await storage.list_items(request.id) == []
+
+
+@pytest.mark.parametrize("in_sql", [True, False])
+async def test_items_derived_from_rows_either_way(
+    storage: SqliteStorage, monkeypatch: pytest.MonkeyPatch, in_sql: bool
+) -> None:
+    """SQL-derived and tuple-inserted items are the same, chunk after chunk.
+
+    Chunks of 3 rows; the second has a URL that JSON escapes and the fourth
+    indexes that skip, so those take the tuple path even when SQL may derive.
+    """
+    monkeypatch.setattr(sqlite_module, "_ROWS_PER_CHUNK", 3)
+    monkeypatch.setattr(storage, "derive_items_in_sql", in_sql)
+    with sqlite3.connect(":memory:") as probe:  # this SQLite can, so SQL does derive
+        assert sqlite_module._sql_items_available(probe)
+    rid = new_id()
+    urls = [
+        ("https://a.example/0",), ("https://a.example/1a", "https://a.example/1b"), (),
+        ("https://a.example/caf\u00e9/\U0001f600.jpg",), ("https://a.example/4",),
+        ("https://a.example/5",), ("https://a.example/6", "https://a.example/6b"),
+        ("https://a.example/7",), ("https://a.example/8",),
+        ("https://a.example/9",), ("https://a.example/12",), ("https://a.example/13",),
+        ("https://a.example/14",),
+    ]
+    indexes = [*range(10), 12, 13, 14]
+    rows = [Row(index=i, line=i + 2, cells=(str(i), "n", ",".join(u)), urls=u)
+            for i, u in zip(indexes, urls, strict=True)]
+    request = Request(id=rid, total=sum(len(u) for u in urls))
+    await storage.create_request(request, rows)
+    expected = [
+        Item(id=item_id(rid, seq), request_id=rid, row=row, position=position, url=url,
+             updated_at=request.created_at)
+        for seq, row, position, url in item_rows(rows)
+    ]
+    assert await storage.list_items(rid, limit=100) == expected
+    assert await storage.list_rows(rid) == rows
+    for item in expected:
+        assert await storage.get_item(item.id) == item
 
 
 @pytest.mark.parametrize(

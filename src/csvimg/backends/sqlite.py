@@ -39,7 +39,7 @@ import os
 import sqlite3
 import threading
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from json.encoder import encode_basestring_ascii
 from pathlib import Path
 from typing import Any, TypeVar
@@ -420,6 +420,49 @@ CREATE INDEX IF NOT EXISTS deliveries_request ON deliveries (request_id, seq);
 _ROWS_PER_CHUNK = 5000
 """Rows `SqliteStorage.create_request` reads at a time (all in one transaction)."""
 
+# The items of rows ?4 .. ?5 - 1 of request ?1, made by SQLite from the
+# rows just stored (their urls column, a JSON array): item ?2 + k for the
+# k-th URL in (idx, position) order, exactly what `item_rows` yields from
+# rows whose indexes count up by one. No Python object per item: ~0.5 s
+# less CPU for 300,000 items than binding them one by one.
+_DERIVE_ITEMS = (
+    "INSERT INTO items (id, request_id, seq, row, position, url, status, attempts, "
+    "updated_at) SELECT ?1 || '.' || (?2 + row_number() OVER w - 1), ?1, "
+    "?2 + row_number() OVER w - 1, r.idx, j.key, j.value, 'PENDING', 0, ?3 "
+    "FROM rows AS r, json_each(r.urls) AS j "
+    "WHERE r.request_id = ?1 AND r.idx >= ?4 AND r.idx < ?5 "
+    "WINDOW w AS (ORDER BY r.idx, j.key)"
+)
+
+
+def _row_values(
+    rid: str, rows: Sequence[Row], plain: list[bool]
+) -> Iterator[tuple[str, int, int, str, str]]:
+    """Yield the ``rows`` table values of *rows*, noting whether SQL may derive their items.
+
+    Clears ``plain[0]`` if a row breaks what `_DERIVE_ITEMS` assumes:
+    indexes counting up by one from the first, URLs stored without a JSON
+    escape (so SQLite's JSON decoding has nothing to get wrong).
+    """
+    expected = rows[0].index if rows else 0
+    for r in rows:
+        urls = _dumps(r.urls)
+        if r.index != expected or "\\" in urls:
+            plain[0] = False
+        expected += 1
+        yield rid, r.index, r.line, _dumps(r.cells), urls
+
+
+def _sql_items_available(conn: sqlite3.Connection) -> bool:
+    """Whether this SQLite has what `_DERIVE_ITEMS` needs (3.25+, JSON functions)."""
+    if sqlite3.sqlite_version_info < (3, 25, 0):
+        return False
+    try:
+        conn.execute("SELECT key FROM json_each('[1]')").fetchall()
+    except sqlite3.OperationalError:
+        return False
+    return True
+
 
 def _dumps(strings: Sequence[str]) -> str:
     """``json.dumps(list(strings))``, twice as fast for a few strings (the C escaper)."""
@@ -551,6 +594,10 @@ class SqliteStorage:
     instances (threads, processes) may share the file.
     """
 
+    derive_items_in_sql: bool = True
+    """Let SQLite make new items from the stored rows (`_DERIVE_ITEMS`) when
+    it has JSON and window functions; False: insert Python tuples always."""
+
     def __init__(
         self,
         path: str | os.PathLike[str],
@@ -618,22 +665,33 @@ class SqliteStorage:
                 )
             except sqlite3.IntegrityError:
                 raise StorageError(f"request {rid} exists already") from None
-            # A chunk of rows at a time: each `Row` is read once for its row
-            # and its items (a parsed manifest makes them on access), and
-            # only a chunk of them is alive at once. Generators, not lists.
-            dumps = _dumps
+            # A chunk of rows at a time: each `Row` is read once, and only a
+            # chunk of them is alive at once (a parsed manifest makes them on
+            # access). Generators, not lists.
             prefix = f"{rid}."
+            derive = self.derive_items_in_sql and _sql_items_available(conn)
             seq = 0
             for first in range(0, len(rows), _ROWS_PER_CHUNK):
                 chunk = rows[first : first + _ROWS_PER_CHUNK]
+                # Whether SQLite may make this chunk's items from the rows it
+                # just stored: their indexes count up by one (so ORDER BY idx
+                # is the order given) and no URL needed a JSON escape.
+                plain = [derive]
+                start_index = chunk[0].index if chunk else 0
                 conn.executemany(
                     "INSERT INTO rows (request_id, idx, line, cells, urls) "
                     "VALUES (?, ?, ?, ?, ?)",
-                    ((rid, r.index, r.line, dumps(r.cells), dumps(r.urls)) for r in chunk),
+                    _row_values(rid, chunk, plain),
                 )
                 before = seq
                 seq += sum(len(r.urls) for r in chunk)
                 try:
+                    if plain[0]:
+                        conn.execute(
+                            _DERIVE_ITEMS,
+                            (rid, before, at, start_index, start_index + len(chunk)),
+                        )
+                        continue
                     conn.executemany(
                         "INSERT INTO items (id, request_id, seq, row, position, url, status, "
                         "attempts, updated_at) VALUES (?, ?, ?, ?, ?, ?, 'PENDING', 0, ?)",
