@@ -624,10 +624,6 @@ _STAGING_TTL: Final = 600
 _ROWS_PAGE: Final = 1000
 
 
-def _s(value: object) -> str | None:
-    return None if value is None else str(value)
-
-
 def _t(value: float) -> str:
     """Format a time for Redis: exact (repr) and understood as a zset score."""
     if math.isinf(value):
