@@ -519,6 +519,32 @@ def test_fast_path_never_accepts_what_the_slow_path_refuses(url: str) -> None:
         assert manifest_module._diagnose_url(url) is None
 
 
+@settings(max_examples=500)
+@given(st.lists(st.text(st.sampled_from("htps:/ab1.-_@[]%:?#例, \n"), max_size=24),
+                min_size=1, max_size=4).map(",".join))
+def test_fast_cell_path_agrees_with_the_url_by_url_path(cell: str) -> None:
+    """A cell the whole-cell fast path accepts splits and validates the same way."""
+    if manifest_module._FAST_CELL.match(cell) is None:
+        return
+    urls = cell.split(",")
+    assert split_urls(cell) == urls
+    for url in urls:
+        assert check_url(url) is None
+        match = manifest_module._FAST_URL.match(url)
+        assert match is not None
+        assert match.group("port") is None
+
+
+def test_fast_cell_path_examples() -> None:
+    fast = manifest_module._FAST_CELL.match
+    assert fast("https://a.example/1.jpg,http://b.example/x?y=1#z")
+    assert fast("https://user:pw@a.example/1.jpg")
+    for slow in ("https://a.example/1.jpg,", "https://a.example/1.jpg, https://b.example/",
+                 "https://a.example:8080/1.jpg", "https://[::1]/x", "https://例.com/",
+                 "ftp://a.example/", "https://a.example/a b", ""):
+        assert fast(slow) is None, slow
+
+
 # -------------------------------------------------------------- properties
 
 HOSTS = st.lists(st.text("abcxyz019-", min_size=1, max_size=8).filter(

@@ -37,7 +37,7 @@ pytest.register_assert_rewrite("csvimg.testing")
 from csvimg._errors import ConfigError, StorageError  # noqa: E402
 from csvimg.backends import Queue, Storage  # noqa: E402
 from csvimg.backends.redis import RedisQueue, RedisStorage  # noqa: E402
-from csvimg.jobs import Item, ItemResult, ItemStatus, RequestStatus, now  # noqa: E402
+from csvimg.jobs import ItemResult, ItemStatus, RequestStatus, Row, now  # noqa: E402
 from csvimg.testing import (  # noqa: E402
     FAR_FUTURE,
     QueueContract,
@@ -211,7 +211,7 @@ async def test_exactly_one_of_four_processes_sees_the_request_finish(
 ) -> None:
     """4 OS processes finish all 240 items at once: counts exact, one winner, one event."""
     request, rows, items = sample_request(rows=80, urls_per_row=3)
-    await redis_storage.create_request(request, rows, items)
+    await redis_storage.create_request(request, rows)
     ids = [i.id for i in items]
     ctx = multiprocessing.get_context("spawn")
     barrier = ctx.Barrier(4)
@@ -309,7 +309,7 @@ async def test_prefixes_do_not_see_each_other(server_url: str) -> None:
             await backend.open()
         a, b = stores
         request, rows, items = sample_request(rows=1, urls_per_row=1, owner="alice")
-        await a.create_request(request, rows, items)
+        await a.create_request(request, rows)
         assert await b.get_request(request.id) is None
         assert await b.get_item(items[0].id) is None
         assert await b.list_requests() == []
@@ -320,7 +320,7 @@ async def test_prefixes_do_not_see_each_other(server_url: str) -> None:
         assert await claimable_events(b) == []
         assert len(await claimable_events(a)) == 1
         # The same request id may exist in both, independently.
-        await b.create_request(request, rows, items)
+        await b.create_request(request, rows)
         assert (await b.get_request(request.id)) == request
 
         qa, qb = queues
@@ -343,21 +343,24 @@ async def test_prefixes_do_not_see_each_other(server_url: str) -> None:
 # -- create_request is all or nothing -----------------------------------------
 
 
-class _Exploding(Sequence[Item]):
-    """Items that raise once more than *after* have been read."""
+class _Exploding(Sequence[Row]):
+    """Rows that page out whole but raise when read one by one past *after*.
 
-    def __init__(self, items: Sequence[Item], after: int) -> None:
-        self._items = list(items)
+    The row pages are written first (slices), then the items are made from
+    the rows one at a time: so this fails half-way through the items.
+    """
+
+    def __init__(self, rows: Sequence[Row], after: int) -> None:
+        self._rows = list(rows)
         self._after = after
 
     def __len__(self) -> int:
-        return len(self._items)
+        return len(self._rows)
 
     def __getitem__(self, index: Any) -> Any:
-        stop = index.stop if isinstance(index, slice) else index
-        if stop is not None and stop > self._after:
-            raise RuntimeError("boom while reading items")
-        return self._items[index]
+        if not isinstance(index, slice) and index > self._after:
+            raise RuntimeError("boom while reading rows")
+        return self._rows[index]
 
 
 @pytest.mark.anyio
@@ -366,14 +369,14 @@ async def test_failed_create_leaves_nothing(storage_url: str, redis_storage: Red
     """A create that fails after some chunks were written leaves no trace."""
     request, rows, items = sample_request(rows=6000, urls_per_row=2)
     with pytest.raises(RuntimeError, match="boom"):
-        await redis_storage.create_request(request, rows, _Exploding(items, after=10_000))
+        await redis_storage.create_request(request, _Exploding(rows, after=5000))
     assert await redis_storage.get_request(request.id) is None
     assert await redis_storage.get_item(items[0].id) is None
     assert await redis_storage.list_items(request.id) == []
     assert await redis_storage.list_rows(request.id) == []
     assert await prefix_keys(storage_url, redis_storage.prefix) == []
     # The id is free again.
-    await redis_storage.create_request(request, rows, items)
+    await redis_storage.create_request(request, rows)
     assert await redis_storage.get_request(request.id) == request
     assert len(await redis_storage.list_items(request.id, offset=11_990)) == 10
 
@@ -386,7 +389,7 @@ async def test_half_written_request_is_invisible_then_swept(redis_storage: Redis
     marker = f"{storage.prefix}:staging:{request.id}"
     reserve_keys = [storage._k_req(request.id), marker]
     assert await storage._script("reserve", reserve_keys, [600, "token"])
-    await storage._stage(request, rows, items, marker)  # ... and the writer dies here
+    await storage._stage(request, rows, marker)  # ... and the writer dies here
 
     assert await storage.get_request(request.id) is None
     assert await storage.list_requests() == []
@@ -400,7 +403,7 @@ async def test_half_written_request_is_invisible_then_swept(redis_storage: Redis
     assert await storage._r.exists(storage._k_item(items[0].id))
     # A second writer of the same id is refused while the first holds it.
     with pytest.raises(StorageError, match="exists already"):
-        await storage.create_request(request, rows, items)
+        await storage.create_request(request, rows)
 
     await storage._r.delete(marker)  # what expiry does to an abandoned write
     assert await storage.stale_items(now=now(), pending_before=FAR_FUTURE, limit=10) == []
@@ -421,8 +424,8 @@ async def test_replayed_calls_answer_like_the_first(redis_storage: RedisStorage)
     assert await storage._script("reserve", reserve_keys, [600, "t1"])
     assert await storage._script("reserve", reserve_keys, [600, "t1"])  # replay
     assert not await storage._script("reserve", reserve_keys, [600, "t2"])  # another writer
-    await storage._stage(request, rows, items, marker)
-    await storage._stage(request, rows, items, marker)  # every chunk replayed
+    await storage._stage(request, rows, marker)
+    await storage._stage(request, rows, marker)  # every chunk replayed
     keys = [storage._k_req(request.id), storage._k_requests, marker]
     fields = [v for pair in storage._request_fields(request).items() for v in pair]
     args = [repr(request.created_at), request.id, *fields]
@@ -453,12 +456,12 @@ async def prefix_keys_of(storage: RedisStorage) -> list[str]:
 @pytest.mark.anyio
 async def test_concurrent_creates_of_one_id(redis_storage: RedisStorage) -> None:
     """Two writers race for one id: one wins, the other gets StorageError."""
-    request, rows, items = sample_request(rows=3000, urls_per_row=2)
+    request, rows, _ = sample_request(rows=3000, urls_per_row=2)
     outcomes: list[str] = []
 
     async def create() -> None:
         try:
-            await redis_storage.create_request(request, rows, items)
+            await redis_storage.create_request(request, rows)
             outcomes.append("ok")
         except StorageError:
             outcomes.append("refused")
@@ -535,7 +538,7 @@ async def test_backends_survive_a_redis_restart(own_redis: OwnRedis) -> None:
     await queue.open()
     try:
         request, rows, items = sample_request(rows=2, urls_per_row=2)
-        await storage.create_request(request, rows, items)
+        await storage.create_request(request, rows)
         await queue.enqueue([i.id for i in items])
         assert await storage.start_item(items[0].id, lease_seconds=30) is not None
 

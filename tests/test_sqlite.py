@@ -6,6 +6,7 @@ timeouts, URL parsing, bulk inserts, broken files.
 
 from __future__ import annotations
 
+import json
 import multiprocessing
 import random
 import sqlite3
@@ -15,20 +16,23 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import anyio
-import attrs
 import pytest
 
 from csvimg._errors import ConfigError, StorageError
+from csvimg.backends import sqlite as sqlite_module
 from csvimg.backends.sqlite import SqliteQueue, SqliteStorage, parse_sqlite_url
 from csvimg.jobs import (
     Item,
+    ItemIds,
     ItemResult,
     ItemStatus,
     Request,
     RequestStatus,
     Row,
     item_id,
+    item_rows,
     new_id,
+    now,
 )
 from csvimg.plugins import Plugins
 from csvimg.settings import Settings
@@ -111,7 +115,7 @@ async def test_reopen_resumes_everything(db: Path) -> None:
     await storage.open()
     await queue.open()
     request, rows, items = sample_request(rows=2, urls_per_row=2)
-    await storage.create_request(request, rows, items)
+    await storage.create_request(request, rows)
     await queue.enqueue([i.id for i in items])
     [claim] = await queue.claim(consumer="w1", max_items=1, lease_seconds=60, wait=0)
     leased = await storage.start_item(claim.item_id, lease_seconds=60)
@@ -153,14 +157,103 @@ async def test_closed_backend_raises_then_reopens(db: Path) -> None:
     await storage.close()
 
 
-async def test_duplicate_item_ids_write_nothing(storage: SqliteStorage) -> None:
+async def test_duplicate_item_ids_write_nothing(storage: SqliteStorage, db: Path) -> None:
+    """An item id already taken (a stray row) makes the whole create fail."""
     request, rows, items = sample_request(rows=2, urls_per_row=2)
-    items[3] = attrs.evolve(items[3], id=items[0].id)
+    with sqlite3.connect(db) as conn:
+        conn.execute(
+            "INSERT INTO items (id, request_id, seq, row, position, url, status, attempts, "
+            "updated_at) VALUES (?, 'stray', 0, 0, 0, 'https://x/', 'PENDING', 0, 0)",
+            (items[3].id,),
+        )
     with pytest.raises(StorageError, match="duplicate item"):
-        await storage.create_request(request, rows, items)
+        await storage.create_request(request, rows)
     assert await storage.get_request(request.id) is None
     assert await storage.list_rows(request.id) == []
     assert await storage.list_items(request.id) == []
+
+
+@pytest.mark.parametrize("in_sql", [True, False])
+async def test_items_derived_from_rows_either_way(
+    storage: SqliteStorage, monkeypatch: pytest.MonkeyPatch, in_sql: bool
+) -> None:
+    """SQL-derived and tuple-inserted items are the same, chunk after chunk.
+
+    Chunks of 3 rows; the second has a URL that JSON escapes and the fourth
+    indexes that skip, so those take the tuple path even when SQL may derive.
+    """
+    monkeypatch.setattr(sqlite_module, "_ROWS_PER_CHUNK", 3)
+    monkeypatch.setattr(storage, "derive_items_in_sql", in_sql)
+    with sqlite3.connect(":memory:") as probe:  # this SQLite can, so SQL does derive
+        assert sqlite_module._sql_items_available(probe)
+    rid = new_id()
+    urls = [
+        ("https://a.example/0",), ("https://a.example/1a", "https://a.example/1b"), (),
+        ("https://a.example/caf\u00e9/\U0001f600.jpg",), ("https://a.example/4",),
+        ("https://a.example/5",), ("https://a.example/6", "https://a.example/6b"),
+        ("https://a.example/7",), ("https://a.example/8",),
+        ("https://a.example/9",), ("https://a.example/12",), ("https://a.example/13",),
+        ("https://a.example/14",),
+    ]
+    indexes = [*range(10), 12, 13, 14]
+    rows = [Row(index=i, line=i + 2, cells=(str(i), "n", ",".join(u)), urls=u)
+            for i, u in zip(indexes, urls, strict=True)]
+    request = Request(id=rid, total=sum(len(u) for u in urls))
+    await storage.create_request(request, rows)
+    expected = [
+        Item(id=item_id(rid, seq), request_id=rid, row=row, position=position, url=url,
+             updated_at=request.created_at)
+        for seq, row, position, url in item_rows(rows)
+    ]
+    assert await storage.list_items(rid, limit=100) == expected
+    assert await storage.list_rows(rid) == rows
+    for item in expected:
+        assert await storage.get_item(item.id) == item
+
+
+@pytest.mark.parametrize(
+    "strings",
+    [(), ("",), ("1", "Café ☕", 'say "hi", twice', "line\nbreak\t\x00", "\\", "\ud800"),
+     ("https://a.example/1.jpg", "https://a.example/2.jpg?x=1&y=\u2028")],
+)
+def test_row_cells_encode_as_json_dumps_does(strings: tuple[str, ...]) -> None:
+    """The rows table keeps json.dumps's format (old files, old readers)."""
+    assert sqlite_module._dumps(strings) == json.dumps(list(strings))
+
+
+async def test_old_item_indexes_are_replaced(db: Path) -> None:
+    """A file made by an earlier version loses its three full item indexes."""
+    with sqlite3.connect(db) as conn:
+        conn.execute(
+            "CREATE TABLE items (id TEXT PRIMARY KEY, request_id TEXT NOT NULL, "
+            "seq INTEGER NOT NULL, row INTEGER NOT NULL, position INTEGER NOT NULL, "
+            "url TEXT NOT NULL, status TEXT NOT NULL, attempts INTEGER NOT NULL, "
+            "lease_until REAL, output_key TEXT, content_type TEXT, bytes_in INTEGER, "
+            "bytes_out INTEGER, width INTEGER, height INTEGER, error_code TEXT, "
+            "error_message TEXT, updated_at REAL NOT NULL)"
+        )
+        conn.execute("CREATE INDEX items_status_lease ON items (status, lease_until)")
+        conn.execute("CREATE INDEX items_status_updated ON items (status, updated_at)")
+        conn.execute("CREATE INDEX items_request_seq ON items (request_id, seq)")
+        conn.execute(
+            "INSERT INTO items (id, request_id, seq, row, position, url, status, attempts, "
+            "updated_at) VALUES ('old.0', 'old', 0, 0, 0, 'https://x/', 'PENDING', 0, 1.0)"
+        )
+    storage = SqliteStorage(db)
+    await storage.open()
+    try:
+        assert await storage.stale_items(now=now(), pending_before=2.0, limit=10) == ["old.0"]
+    finally:
+        await storage.close()
+    with sqlite3.connect(db) as conn:
+        names = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
+        plan = conn.execute(
+            "EXPLAIN QUERY PLAN SELECT id FROM items WHERE status = 'PROCESSING' "
+            "AND lease_until < 1"
+        ).fetchall()
+    assert {"items_leased", "items_pending"} <= names
+    assert not {"items_status_lease", "items_status_updated", "items_request_seq"} & names
+    assert "items_leased" in str(plan)
 
 
 async def test_bulk_insert(storage: SqliteStorage, db: Path) -> None:
@@ -171,13 +264,15 @@ async def test_bulk_insert(storage: SqliteStorage, db: Path) -> None:
                                                                     f"https://x/{i}/b"))
         for i in range(50_000)
     ]
+    request = Request(id=rid, total=2 * len(rows))
     items = [
-        Item(id=item_id(rid, 2 * r.index + p), request_id=rid, row=r.index, position=p, url=u)
+        Item(id=item_id(rid, 2 * r.index + p), request_id=rid, row=r.index, position=p, url=u,
+             updated_at=request.created_at)
         for r in rows
         for p, u in enumerate(r.urls)
     ]
     start = time.perf_counter()
-    await storage.create_request(Request(id=rid, total=len(items)), rows, items)
+    await storage.create_request(request, rows)
     assert time.perf_counter() - start < 15  # about 1 s on a 2-core machine
     tail = await storage.list_items(rid, offset=99_990, limit=50)
     assert tail == items[99_990:]
@@ -185,7 +280,7 @@ async def test_bulk_insert(storage: SqliteStorage, db: Path) -> None:
     queue = SqliteQueue(db)
     await queue.open()
     try:
-        await queue.enqueue([i.id for i in items])
+        await queue.enqueue(ItemIds(rid, len(items)))  # as Engine.submit does
         assert await queue.depth() == 100_000
         claims = await queue.claim(consumer="w", max_items=64, lease_seconds=60, wait=0)
         assert [c.item_id for c in claims] == [i.id for i in items[:64]]
@@ -241,7 +336,7 @@ async def _check_finished_once(storage: SqliteStorage, request: Request, wins: l
 async def test_processes_finish_exactly_once(storage: SqliteStorage, db: Path) -> None:
     """Three processes race over every item of one request on one file."""
     request, rows, items = sample_request(rows=60, urls_per_row=2)
-    await storage.create_request(request, rows, items)
+    await storage.create_request(request, rows)
     ctx = multiprocessing.get_context("spawn")
     barrier = ctx.Barrier(3)
     results: multiprocessing.Queue[int] = ctx.Queue()
@@ -266,7 +361,7 @@ async def test_processes_finish_exactly_once(storage: SqliteStorage, db: Path) -
 async def test_threads_finish_exactly_once(storage: SqliteStorage, db: Path) -> None:
     """Four threads, each with its own event loop and connections, race too."""
     request, rows, items = sample_request(rows=50, urls_per_row=2)
-    await storage.create_request(request, rows, items)
+    await storage.create_request(request, rows)
     wins: list[int] = []
     threads = [
         threading.Thread(
@@ -324,7 +419,7 @@ def _hold_lock(db: Path) -> sqlite3.Connection:
 
 async def test_writes_wait_for_a_lock(storage: SqliteStorage, db: Path) -> None:
     request, rows, items = sample_request(rows=1, urls_per_row=1)
-    await storage.create_request(request, rows, items)
+    await storage.create_request(request, rows)
     holder = _hold_lock(db)
     timer = threading.Timer(0.4, holder.commit)
     timer.start()
@@ -342,7 +437,7 @@ async def test_lock_held_too_long_is_a_storage_error(db: Path) -> None:
     storage = SqliteStorage(db, busy_timeout=0.2)
     await storage.open()
     request, rows, items = sample_request(rows=1, urls_per_row=1)
-    await storage.create_request(request, rows, items)
+    await storage.create_request(request, rows)
     holder = _hold_lock(db)
     try:
         start = time.perf_counter()
@@ -380,7 +475,7 @@ async def test_point_reads_run_inline_and_fall_back_when_busy(tmp_path: Path) ->
     await storage.open()
     try:
         request, rows, items = sample_request(1, 1)
-        await storage.create_request(request, rows, items)
+        await storage.create_request(request, rows)
         # Another process-like connection holds the write lock: WAL readers go on.
         other = sqlite3.connect(tmp_path / "inline.db", isolation_level=None)
         other.execute("BEGIN EXCLUSIVE")
@@ -415,7 +510,7 @@ async def test_short_writes_run_inline_and_fall_back_when_locked(tmp_path: Path)
     await queue.open()
     try:
         request, rows, items = sample_request(rows=1, urls_per_row=3)
-        await storage.create_request(request, rows, items)
+        await storage.create_request(request, rows)
         await queue.enqueue([i.id for i in items])
         claims = await queue.claim(consumer="w", max_items=3, lease_seconds=30, wait=0)
         started = await storage.start_items([c.item_id for c in claims], lease_seconds=30)
@@ -470,7 +565,7 @@ async def test_inline_writes_checkpoint_the_wal_in_a_thread(tmp_path: Path) -> N
     db._checkpoint = checkpoint  # type: ignore[method-assign]
     try:
         request, rows, items = sample_request(rows=50, urls_per_row=5)
-        await storage.create_request(request, rows, items)
+        await storage.create_request(request, rows)
         for item in items:  # 250 short writes
             await storage.start_item(item.id, lease_seconds=30)
         assert db._inline_writer is not None

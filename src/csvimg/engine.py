@@ -49,10 +49,10 @@ from csvimg.codec import Compressed, compress, sniff
 from csvimg.fetch import Fetcher
 from csvimg.jobs import (
     Item,
+    ItemIds,
     ItemResult,
     ProcessOptions,
     Request,
-    item_id,
     new_id,
     now,
 )
@@ -222,24 +222,13 @@ class Engine:
         """
         manifest = source if isinstance(source, Manifest) else await self.parse(source)
         rid = request_id or new_id()
-        items: list[Item] = []
-        for row in manifest.rows:
-            for position, url in enumerate(row.urls):
-                items.append(
-                    Item(
-                        id=item_id(rid, len(items)),
-                        request_id=rid,
-                        row=row.index,
-                        position=position,
-                        url=url,
-                    )
-                )
+        total = manifest.total_urls
         at = now()
         request = Request(
             id=rid,
             created_at=at,
             updated_at=at,
-            total=len(items),
+            total=total,
             header=manifest.header,
             url_column=manifest.url_column,
             callback_url=callback_url,
@@ -247,16 +236,18 @@ class Engine:
             owner=owner,
             filename=filename,
         )
-        await self.storage.create_request(request, manifest.rows, items)
+        # The storage derives the items from the rows (no Item objects), and
+        # the queue gets their ids as a lazy range, not a list of 300,000.
+        await self.storage.create_request(request, manifest.rows)
         try:
-            await self.queue.enqueue([i.id for i in items])
+            await self.queue.enqueue(ItemIds(rid, total))
         except CsvimgError as exc:
             # The request is stored for good: answering with an error would
             # make the client upload it twice. The sweeper enqueues items left
             # PENDING (see `sweep`), so nothing is lost, only delayed.
             log.error("request %s stored but not enqueued (the sweeper will): %s", rid, exc,
                       extra={"request_id": rid})
-        log.info("request %s accepted: %d rows, %d images", rid, len(manifest.rows), len(items),
+        log.info("request %s accepted: %d rows, %d images", rid, len(manifest.rows), total,
                  extra={"request_id": rid})
         return request
 

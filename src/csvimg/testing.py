@@ -98,6 +98,7 @@ from csvimg.jobs import (
     Delivery,
     Event,
     Item,
+    ItemIds,
     ItemResult,
     ItemStatus,
     ProcessOptions,
@@ -160,8 +161,11 @@ def sample_request(
     """Build a request with *rows* rows of *urls_per_row* image URLs each.
 
     Cells hold the awkward things real CSVs hold (non-ASCII, quotes, commas,
-    newlines, formula prefixes), so a round trip proves the encoding. Items
-    come in (row, position) order with ids from `csvimg.jobs.item_id`.
+    newlines, formula prefixes), so a round trip proves the encoding. The
+    items are the ones a storage must derive from the rows in
+    ``create_request(request, rows)``: (row, position) order, ids from
+    `csvimg.jobs.item_id`, PENDING, ``updated_at`` the request's
+    ``created_at``.
     """
     rid = request_id or new_id()
     at = now() if created_at is None else created_at
@@ -316,7 +320,7 @@ class StorageMachine(RuleBasedStateMachine):
     def create(self, rows: int, per_row: int) -> None:
         """Create a fresh request of up to 6 items."""
         request, row_list, items = sample_request(rows, per_row)
-        self.call(self.storage.create_request, request, row_list, items)
+        self.call(self.storage.create_request, request, row_list)
         self.request = request
         self.items = items
         self.model = [_ModelItem() for _ in items]
@@ -479,9 +483,9 @@ class StorageContract(_AnyioContract):
     async def create(storage: Storage, *args: Any, **kwargs: Any) -> tuple[
         Request, list[Row], list[Item]
     ]:
-        """Build a `sample_request` and store it."""
+        """Build a `sample_request` and store it (the storage derives the items)."""
         request, rows, items = sample_request(*args, **kwargs)
-        await storage.create_request(request, rows, items)
+        await storage.create_request(request, rows)
         return request, rows, items
 
     # -- requests, rows, items ---------------------------------------------
@@ -547,7 +551,7 @@ class StorageContract(_AnyioContract):
             rows=4, urls_per_row=2, request_id=request.id, owner="mallory"
         )
         with pytest.raises(StorageError):
-            await storage.create_request(again, rows2, items2)
+            await storage.create_request(again, rows2)
         assert await storage.get_request(request.id) == request
         assert await storage.list_rows(request.id) == rows
         assert await storage.list_items(request.id) == items
@@ -1099,6 +1103,19 @@ class QueueContract(_AnyioContract):
         assert all(c.deliveries == 1 for c in claims)
         assert len({c.token for c in claims}) == 3
         assert await queue.claim(consumer="w1", max_items=10, lease_seconds=30, wait=0) == []
+        for claim in claims:
+            await queue.ack(claim)
+        assert await queue.depth() == 0
+
+    async def test_enqueue_item_ids(self, queue: Queue) -> None:
+        """A lazy `ItemIds` range is enqueued as the list of its ids would be."""
+        rid = new_id()
+        await queue.enqueue(ItemIds(rid, 0))
+        assert await queue.depth() == 0
+        await queue.enqueue(ItemIds(rid, 12))
+        assert await queue.depth() == 12
+        claims = await queue.claim(consumer="w1", max_items=20, lease_seconds=30, wait=0)
+        assert sorted(c.item_id for c in claims) == sorted(item_id(rid, n) for n in range(12))
         for claim in claims:
             await queue.ack(claim)
         assert await queue.depth() == 0

@@ -9,7 +9,8 @@ The contract in words (the executable version is `csvimg.testing`):
 
 * **Storage** is the source of truth: requests, their rows and items,
   webhook registrations, the outbox of events and the log of delivery
-  attempts. `create_request` writes a request with all its rows and items
+  attempts. `create_request` writes a request with all its rows and the
+  items it derives from them (one per URL, see `csvimg.jobs.item_rows`)
   atomically. `finish_item` is atomic and idempotent: it records an item's
   result, bumps the request's counters and, when the last item finishes,
   moves the request to COMPLETED or FAILED *and* records the outbox event in
@@ -98,10 +99,16 @@ class Storage(Protocol):
     async def ping(self) -> None:
         """Raise `StorageError` unless the backend answers."""
 
-    async def create_request(
-        self, request: Request, rows: Sequence[Row], items: Sequence[Item]
-    ) -> None:
-        """Store a new request with all its rows and items, all or nothing."""
+    async def create_request(self, request: Request, rows: Sequence[Row]) -> None:
+        """Store a new request with all its rows and their items, all or nothing.
+
+        The storage derives the items itself: one PENDING item per URL of
+        *rows*, item number ``seq`` (0-based, in row then position order,
+        as `csvimg.jobs.item_rows` yields them) with id
+        ``item_id(request.id, seq)``, ``attempts`` 0 and ``updated_at``
+        equal to ``request.created_at``. ``request.total`` is their number.
+        An existing request id raises `StorageError`.
+        """
 
     async def get_request(self, request_id: str) -> Request | None:
         """Return the request, or None when unknown."""

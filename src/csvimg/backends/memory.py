@@ -24,12 +24,15 @@ from csvimg.jobs import (
     Delivery,
     Event,
     Item,
+    ItemIds,
     ItemResult,
     ItemStatus,
     Request,
     RequestStatus,
     Row,
     Webhook,
+    item_id,
+    item_rows,
     now,
 )
 from csvimg.plugins import BackendRegistry, hookimpl
@@ -127,7 +130,7 @@ class MemoryStorage:
         self._requests: dict[str, Request] = {}
         self._rows: dict[str, list[Row]] = {}
         self._items: dict[str, Item] = {}
-        self._item_ids: dict[str, list[str]] = {}
+        self._item_ids: dict[str, ItemIds] = {}
         self._webhooks: dict[str, Webhook] = {}
         self._events: dict[str, Event] = {}
         self._event_leases: dict[str, float] = {}
@@ -152,16 +155,21 @@ class MemoryStorage:
         if self.closed:
             raise StorageError("memory storage is closed")
 
-    async def create_request(
-        self, request: Request, rows: Sequence[Row], items: Sequence[Item]
-    ) -> None:
-        """Store the request, rows and items in one step."""
+    async def create_request(self, request: Request, rows: Sequence[Row]) -> None:
+        """Store the request, rows and the items derived from them in one step."""
+        rid = request.id
+        at = request.created_at
+        items = [
+            Item(id=item_id(rid, seq), request_id=rid, row=row, position=position, url=url,
+                 updated_at=at)
+            for seq, row, position, url in item_rows(rows)
+        ]
         with self._lock:
-            if request.id in self._requests:
-                raise StorageError(f"request {request.id} exists already")
-            self._requests[request.id] = request
-            self._rows[request.id] = list(rows)
-            self._item_ids[request.id] = [i.id for i in items]
+            if rid in self._requests:
+                raise StorageError(f"request {rid} exists already")
+            self._requests[rid] = request
+            self._rows[rid] = list(rows)
+            self._item_ids[rid] = ItemIds(rid, len(items))
             for item in items:
                 self._items[item.id] = item
 
@@ -185,7 +193,7 @@ class MemoryStorage:
     ) -> list[Item]:
         """Items in (row, position) order."""
         with self._lock:
-            ids = self._item_ids.get(request_id, [])[offset : offset + limit]
+            ids = self._item_ids.get(request_id, ItemIds(request_id, 0))[offset : offset + limit]
             return [self._items[i] for i in ids]
 
     async def get_item(self, item_id: str) -> Item | None:

@@ -90,6 +90,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import itertools
 import json
 import math
 import time
@@ -117,6 +118,7 @@ from csvimg.jobs import (
     Delivery,
     Event,
     Item,
+    ItemIds,
     ItemResult,
     ItemStatus,
     ProcessOptions,
@@ -124,6 +126,7 @@ from csvimg.jobs import (
     RequestStatus,
     Row,
     Webhook,
+    item_rows,
     now,
 )
 from csvimg.plugins import BackendRegistry, hookimpl
@@ -606,7 +609,10 @@ _ITEM_FIELDS: Final = (
     "output_key", "content_type", "bytes_in", "bytes_out", "width", "height",
     "error_code", "error_message", "lease_until",
 )
-"""Every field an item hash may hold, in the order `_item_row` writes them."""
+"""Every field an item hash may hold, in the order the write script reads them."""
+
+_NEW_ITEM_FIELDS: Final = _ITEM_FIELDS[:7]
+"""The fields of a new item (request_id ... updated_at), as `_stage` writes them."""
 
 # How long a request being written stays reserved without progress; after
 # that its leftovers count as abandoned (see create_request).
@@ -616,25 +622,6 @@ _STAGING_TTL: Final = 600
 # (one JSON array per list element): a 300,000-row upload is 300 list
 # elements, and any page of rows is one LRANGE of at most two of them.
 _ROWS_PAGE: Final = 1000
-
-
-def _s(value: object) -> str | None:
-    return None if value is None else str(value)
-
-
-def _item_row(item: Item) -> list[str | int | None]:
-    """Return an item as ``[id, *values in _ITEM_FIELDS order]`` for the write script.
-
-    Times go as exact strings; small integers as JSON numbers (Lua keeps
-    integers below 2**53 exact).
-    """
-    return [
-        item.id, item.request_id, item.row, item.position, item.url, item.status.value,
-        item.attempts, _t(item.updated_at), item.output_key, item.content_type,
-        _s(item.bytes_in), _s(item.bytes_out), _s(item.width), _s(item.height),
-        item.error_code, item.error_message,
-        None if item.lease_until is None else _t(item.lease_until),
-    ]
 
 
 def _t(value: float) -> str:
@@ -876,10 +863,8 @@ class RedisStorage:
             updated_at=float(h["updated_at"]),
         )
 
-    async def create_request(
-        self, request: Request, rows: Sequence[Row], items: Sequence[Item]
-    ) -> None:
-        """Store the request, its rows and items; nothing is visible until all are.
+    async def create_request(self, request: Request, rows: Sequence[Row]) -> None:
+        """Store the request, its rows and their items; nothing is visible until all are.
 
         Rows and items are written in chunks (each chunk one short script,
         so Redis keeps serving other clients while a 300,000-item upload is
@@ -897,9 +882,10 @@ class RedisStorage:
         with self._conn.errors("creating a request"):
             if not await self._script("reserve", [rkey, marker], [_STAGING_TTL, token]):
                 raise StorageError(f"request {rid} exists already")
+        written = [0]
         try:
             with self._conn.errors("creating a request"):
-                await self._stage(request, rows, items, marker)
+                await self._stage(request, rows, marker, written)
                 keys = [rkey, self._k_requests, marker]
                 if request.owner is not None:
                     keys.append(self._k_owner(request.owner))
@@ -916,13 +902,17 @@ class RedisStorage:
             # Shielded and bounded: runs even when the caller was cancelled,
             # and never hides the original error.
             with anyio.move_on_after(10, shield=True):
-                await self._discard(rid, items, marker)
+                await self._discard(rid, max(written[0], request.total), marker)
             raise
 
     async def _stage(
-        self, request: Request, rows: Sequence[Row], items: Sequence[Item], marker: str
+        self, request: Request, rows: Sequence[Row], marker: str, written: list[int] | None = None
     ) -> None:
-        """Write rows and items of a reserved, not yet committed request."""
+        """Write rows and items of a reserved, not yet committed request.
+
+        Items are made from the rows as they are sent (`item_rows`), a
+        chunk at a time; ``written[0]`` counts the items sent so far.
+        """
         rid = request.id
         # Encode and send a few pages at a time: the event loop (an API
         # server's, say) gets to run between them.
@@ -936,30 +926,40 @@ class RedisStorage:
                 raise StorageError(f"request {rid} was abandoned while being written")
         keys = [f"{self.prefix}:itemids:{rid}", self._k_pending, self._k_leases, marker]
         item_prefix = f"{self.prefix}:item:"
-        names = _json(_ITEM_FIELDS)
-        for start in range(0, len(items), _ITEMS_PER_SCRIPT):
+        # A new item sets these fields only (the script skips absent ones).
+        names = _json(_NEW_ITEM_FIELDS)
+        at = _t(request.created_at)
+        id_prefix = f"{rid}."
+        pending = ItemStatus.PENDING.value
+        made = (
+            [id_prefix + str(seq), rid, row, position, url, pending, 0, at]
+            for seq, row, position, url in item_rows(rows)
+        )
+        start = 0
+        while chunk := list(itertools.islice(made, _ITEMS_PER_SCRIPT)):
             # One script call per chunk writes its item hashes server-side:
             # queued one HSET at a time they cost the client ~40 us each.
-            chunk = _json([_item_row(i) for i in items[start : start + _ITEMS_PER_SCRIPT]])
-            written = await self._script(
-                "write_items", keys, [item_prefix, names, chunk, _STAGING_TTL, start]
+            ok = await self._script(
+                "write_items", keys, [item_prefix, names, _json(chunk), _STAGING_TTL, start]
             )
-            if not written:
+            if not ok:
                 raise StorageError(f"request {rid} was abandoned while being written")
+            start += len(chunk)
+            if written is not None:
+                written[0] = start
 
-    async def _discard(self, rid: str, items: Sequence[Item], marker: str) -> None:
-        """Remove what a failed `create_request` wrote (best effort)."""
+    async def _discard(self, rid: str, total: int, marker: str) -> None:
+        """Remove what a failed `create_request` wrote (best effort).
+
+        *total*: how many items may have been written (ids beyond those
+        written are harmless to remove).
+        """
         keys = [
             self._k_req(rid), marker, f"{self.prefix}:rows:{rid}",
             f"{self.prefix}:itemids:{rid}", self._k_pending, self._k_leases,
         ]
         item_prefix = f"{self.prefix}:item:"
-        # Items are written in order, so the ids readable before the one
-        # that failed (if reading them is what failed) cover all written.
-        ids: list[str] = []
-        with contextlib.suppress(Exception):
-            for item in items:
-                ids.append(item.id)
+        ids = ItemIds(rid, total)
         try:
             for start in range(0, len(ids), 1000):
                 await self._script(

@@ -42,7 +42,8 @@ import os
 import sqlite3
 import threading
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from json.encoder import encode_basestring_ascii
 from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import parse_qsl, unquote
@@ -57,6 +58,7 @@ from csvimg.jobs import (
     Delivery,
     Event,
     Item,
+    ItemIds,
     ItemResult,
     ItemStatus,
     ProcessOptions,
@@ -65,6 +67,7 @@ from csvimg.jobs import (
     Row,
     Webhook,
     check_request,
+    item_rows,
     now,
 )
 from csvimg.plugins import BackendRegistry, hookimpl
@@ -450,9 +453,19 @@ CREATE TABLE IF NOT EXISTS items (
     error_message TEXT,
     updated_at REAL NOT NULL
 );
-CREATE INDEX IF NOT EXISTS items_request_seq ON items (request_id, seq);
-CREATE INDEX IF NOT EXISTS items_status_lease ON items (status, lease_until);
-CREATE INDEX IF NOT EXISTS items_status_updated ON items (status, updated_at);
+-- No index on (request_id, seq): a request's items are found by their ids,
+-- item_id(request_id, seq), through the primary key (see _LIST_ITEMS);
+-- one index fewer to fill for each of 300,000 new items.
+DROP INDEX IF EXISTS items_request_seq;
+-- Partial indexes: a new item is PENDING with no lease, so items_leased
+-- gets no entry at insert time, and items_pending one short entry (an
+-- append: every item of a request has the same updated_at). They replace
+-- items_status_lease and items_status_updated, which indexed every item;
+-- a file made by an earlier version loses those two here.
+DROP INDEX IF EXISTS items_status_lease;
+DROP INDEX IF EXISTS items_status_updated;
+CREATE INDEX IF NOT EXISTS items_leased ON items (lease_until) WHERE status = 'PROCESSING';
+CREATE INDEX IF NOT EXISTS items_pending ON items (updated_at) WHERE status = 'PENDING';
 
 CREATE TABLE IF NOT EXISTS webhooks (
     id TEXT PRIMARY KEY,
@@ -491,6 +504,59 @@ CREATE TABLE IF NOT EXISTS deliveries (
 CREATE INDEX IF NOT EXISTS deliveries_request ON deliveries (request_id, seq);
 """
 
+
+_ROWS_PER_CHUNK = 5000
+"""Rows `SqliteStorage.create_request` reads at a time (all in one transaction)."""
+
+# The items of rows ?4 .. ?5 - 1 of request ?1, made by SQLite from the
+# rows just stored (their urls column, a JSON array): item ?2 + k for the
+# k-th URL in (idx, position) order, exactly what `item_rows` yields from
+# rows whose indexes count up by one. No Python object per item: ~0.5 s
+# less CPU for 300,000 items than binding them one by one.
+_DERIVE_ITEMS = (
+    "INSERT INTO items (id, request_id, seq, row, position, url, status, attempts, "
+    "updated_at) SELECT ?1 || '.' || (?2 + row_number() OVER w - 1), ?1, "
+    "?2 + row_number() OVER w - 1, r.idx, j.key, j.value, 'PENDING', 0, ?3 "
+    "FROM rows AS r, json_each(r.urls) AS j "
+    "WHERE r.request_id = ?1 AND r.idx >= ?4 AND r.idx < ?5 "
+    "WINDOW w AS (ORDER BY r.idx, j.key)"
+)
+
+
+def _row_values(
+    rid: str, rows: Sequence[Row], plain: list[bool]
+) -> Iterator[tuple[str, int, int, str, str]]:
+    """Yield the ``rows`` table values of *rows*, noting whether SQL may derive their items.
+
+    Clears ``plain[0]`` if a row breaks what `_DERIVE_ITEMS` assumes:
+    indexes counting up by one from the first, URLs stored without a JSON
+    escape (so SQLite's JSON decoding has nothing to get wrong).
+    """
+    expected = rows[0].index if rows else 0
+    for r in rows:
+        urls = _dumps(r.urls)
+        if r.index != expected or "\\" in urls:
+            plain[0] = False
+        expected += 1
+        yield rid, r.index, r.line, _dumps(r.cells), urls
+
+
+def _sql_items_available(conn: sqlite3.Connection) -> bool:
+    """Whether this SQLite has what `_DERIVE_ITEMS` needs (3.25+, JSON functions)."""
+    if sqlite3.sqlite_version_info < (3, 25, 0):
+        return False
+    try:
+        conn.execute("SELECT key FROM json_each('[1]')").fetchall()
+    except sqlite3.OperationalError:
+        return False
+    return True
+
+
+def _dumps(strings: Sequence[str]) -> str:
+    """``json.dumps(list(strings))``, twice as fast for a few strings (the C escaper)."""
+    return "[" + ", ".join(map(encode_basestring_ascii, strings)) + "]"
+
+
 _REQUEST_COLUMNS = (
     "id, status, created_at, updated_at, total, done, failed, header, url_column, "
     "callback_url, options, owner, filename"
@@ -506,6 +572,17 @@ _EVENT_COLUMNS = (
 _SELECT_REQUESTS = f"SELECT {_REQUEST_COLUMNS} FROM requests"  # noqa: S608
 _SELECT_ITEMS = f"SELECT {_ITEM_COLUMNS} FROM items"  # noqa: S608
 _SELECT_EVENTS = f"SELECT {_EVENT_COLUMNS} FROM events"  # noqa: S608
+_SELECT_EXPIRED = _SELECT_ITEMS + " WHERE status = 'PROCESSING' AND lease_until < ? LIMIT ?"
+_SELECT_FORGOTTEN = "SELECT id FROM items WHERE status = 'PENDING' AND updated_at < ? LIMIT ?"
+# Items ?2 .. ?2 + ?3 - 1 of request ?1 (capped by its total), in seq order:
+# one primary-key lookup of item_id(?1, n) per n, n counted up in SQLite.
+_LIST_ITEMS = (
+    "WITH RECURSIVE stop(n) AS (SELECT min(?2 + ?3, total) FROM requests WHERE id = ?1), "  # noqa: S608 - constant columns
+    "seq(n) AS (SELECT ?2 FROM stop WHERE ?2 < stop.n "
+    "UNION ALL SELECT seq.n + 1 FROM seq, stop WHERE seq.n + 1 < stop.n) "
+    f"SELECT {_ITEM_COLUMNS} FROM seq CROSS JOIN items "
+    "ON items.id = ?1 || '.' || seq.n WHERE items.request_id = ?1 ORDER BY seq.n"
+)
 _INSERT_REQUEST = (
     f"INSERT INTO requests ({_REQUEST_COLUMNS}) "  # noqa: S608
     "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
@@ -672,6 +749,10 @@ class SqliteStorage:
     instances (threads, processes) may share the file.
     """
 
+    derive_items_in_sql: bool = True
+    """Let SQLite make new items from the stored rows (`_DERIVE_ITEMS`) when
+    it has JSON and window functions; False: insert Python tuples always."""
+
     def __init__(
         self,
         path: str | os.PathLike[str],
@@ -708,11 +789,14 @@ class SqliteStorage:
         """Raise `StorageError` unless the database answers."""
         await self._db.ping()
 
-    async def create_request(
-        self, request: Request, rows: Sequence[Row], items: Sequence[Item]
-    ) -> None:
-        """Insert the request, its rows and items in one transaction."""
+    async def create_request(self, request: Request, rows: Sequence[Row]) -> None:
+        """Insert the request, its rows and their items in one transaction.
+
+        Items are inserted straight from the rows as tuples (`item_rows`)
+        with only the columns a new item sets; the others default to NULL.
+        """
         rid = request.id
+        at = request.created_at
 
         def insert(conn: sqlite3.Connection) -> None:
             try:
@@ -736,29 +820,43 @@ class SqliteStorage:
                 )
             except sqlite3.IntegrityError:
                 raise StorageError(f"request {rid} exists already") from None
-            # Generators, not lists: 300k items should not be copied twice.
-            conn.executemany(
-                "INSERT INTO rows (request_id, idx, line, cells, urls) VALUES (?, ?, ?, ?, ?)",
-                ((rid, r.index, r.line, json.dumps(r.cells), json.dumps(r.urls)) for r in rows),
-            )
-            try:
+            # A chunk of rows at a time: each `Row` is read once, and only a
+            # chunk of them is alive at once (a parsed manifest makes them on
+            # access). Generators, not lists.
+            prefix = f"{rid}."
+            derive = self.derive_items_in_sql and _sql_items_available(conn)
+            seq = 0
+            for first in range(0, len(rows), _ROWS_PER_CHUNK):
+                chunk = rows[first : first + _ROWS_PER_CHUNK]
+                # Whether SQLite may make this chunk's items from the rows it
+                # just stored: their indexes count up by one (so ORDER BY idx
+                # is the order given) and no URL needed a JSON escape.
+                plain = [derive]
+                start_index = chunk[0].index if chunk else 0
                 conn.executemany(
-                    "INSERT INTO items (id, request_id, seq, row, position, url, status, "
-                    "attempts, lease_until, output_key, content_type, bytes_in, bytes_out, "
-                    "width, height, error_code, error_message, updated_at) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    (
-                        (
-                            i.id, rid, seq, i.row, i.position, i.url, i.status.value,
-                            i.attempts, i.lease_until, i.output_key, i.content_type,
-                            i.bytes_in, i.bytes_out, i.width, i.height, i.error_code,
-                            i.error_message, i.updated_at,
-                        )
-                        for seq, i in enumerate(items)
-                    ),
+                    "INSERT INTO rows (request_id, idx, line, cells, urls) "
+                    "VALUES (?, ?, ?, ?, ?)",
+                    _row_values(rid, chunk, plain),
                 )
-            except sqlite3.IntegrityError as exc:
-                raise StorageError(f"request {rid}: duplicate item id ({exc})") from None
+                before = seq
+                seq += sum(len(r.urls) for r in chunk)
+                try:
+                    if plain[0]:
+                        conn.execute(
+                            _DERIVE_ITEMS,
+                            (rid, before, at, start_index, start_index + len(chunk)),
+                        )
+                        continue
+                    conn.executemany(
+                        "INSERT INTO items (id, request_id, seq, row, position, url, status, "
+                        "attempts, updated_at) VALUES (?, ?, ?, ?, ?, ?, 'PENDING', 0, ?)",
+                        (
+                            (prefix + str(n), rid, n, row, position, url, at)
+                            for n, row, position, url in item_rows(chunk, start=before)
+                        ),
+                    )
+                except sqlite3.IntegrityError as exc:
+                    raise StorageError(f"request {rid}: duplicate item id ({exc})") from None
 
         await self._db.write(insert)
 
@@ -805,13 +903,12 @@ class SqliteStorage:
     async def list_items(
         self, request_id: str, *, offset: int = 0, limit: int = 1000
     ) -> list[Item]:
-        """Items in (row, position) order, as they were created."""
+        """Items in (row, position) order, as they were created (by id: see _LIST_ITEMS)."""
+        if limit <= 0:
+            return []
 
         def query(conn: sqlite3.Connection) -> list[Item]:
-            cur = conn.execute(
-                _SELECT_ITEMS + " WHERE request_id = ? ORDER BY seq LIMIT ? OFFSET ?",
-                (request_id, limit, offset),
-            )
+            cur = conn.execute(_LIST_ITEMS, (request_id, max(0, offset), limit))
             return [_item_from(r) for r in cur]
 
         return await self._db.run(query)
@@ -912,13 +1009,11 @@ class SqliteStorage:
         def sweep(conn: sqlite3.Connection) -> list[str]:
             # Both selections before any update: an item moved back to
             # PENDING here must not also be picked as a forgotten PENDING one.
-            expired = conn.execute(
-                _SELECT_ITEMS + " WHERE status = ? AND lease_until < ? LIMIT ?",
-                (ItemStatus.PROCESSING.value, now, limit),
-            ).fetchall()
+            # The statuses are literals, not parameters: only then may SQLite
+            # use the partial indexes items_leased and items_pending.
+            expired = conn.execute(_SELECT_EXPIRED, (now, limit)).fetchall()
             forgotten = conn.execute(
-                "SELECT id FROM items WHERE status = ? AND updated_at < ? LIMIT ?",
-                (ItemStatus.PENDING.value, pending_before, max(0, limit - len(expired))),
+                _SELECT_FORGOTTEN, (pending_before, max(0, limit - len(expired)))
             ).fetchall()
             for row in expired:
                 item = _item_from(row)
@@ -1082,6 +1177,16 @@ _SELECT_READY = (
 )
 
 
+# The ids item_id(?1, n) for n in 0 .. ?2 - 1, ready at ?3: "n" turns into
+# text as str(n) does, so each id is exactly what `ItemIds` yields.
+_ENQUEUE_RANGE = (
+    "WITH RECURSIVE seq(n) AS (SELECT 0 WHERE ?2 > 0 UNION ALL "
+    "SELECT n + 1 FROM seq WHERE n + 1 < ?2) "
+    "INSERT INTO queue (item_id, available_at, deliveries) "
+    "SELECT ?1 || '.' || n, ?3, 0 FROM seq"
+)
+
+
 def _token_row(token: str) -> int | None:
     head, sep, _ = token.partition("-")
     if not sep or not head.isdigit():
@@ -1155,6 +1260,11 @@ class SqliteQueue:
 
         def insert(conn: sqlite3.Connection) -> None:
             at = now()
+            if type(item_ids) is ItemIds:
+                # A whole request's ids: one statement makes them in SQLite
+                # (half the time of binding 300,000 of them one by one).
+                conn.execute(_ENQUEUE_RANGE, (item_ids.request_id, item_ids.total, at))
+                return
             conn.executemany(
                 "INSERT INTO queue (item_id, available_at, deliveries) VALUES (?, ?, 0)",
                 ((i, at) for i in item_ids),

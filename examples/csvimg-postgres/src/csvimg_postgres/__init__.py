@@ -76,7 +76,7 @@ from csvimg import (
 )
 from csvimg.backends import Claim
 from csvimg.backends.memory import finish_outcome, lease_item, settle_item
-from csvimg.jobs import check_item, check_request, now
+from csvimg.jobs import check_item, check_request, item_rows, now
 from psycopg import errors, pq, sql
 from psycopg.types.json import Jsonb
 
@@ -535,10 +535,12 @@ class PostgresStorage:
 
     # -- requests, rows, items ------------------------------------------------
 
-    async def create_request(
-        self, request: Request, rows: Sequence[Row], items: Sequence[Item]
-    ) -> None:
-        """Insert the request, its rows and items in one transaction."""
+    async def create_request(self, request: Request, rows: Sequence[Row]) -> None:
+        """Insert the request, its rows and their items in one transaction.
+
+        The items are made from the rows (`csvimg.jobs.item_rows`) as they
+        are copied: only the columns a new item sets, no `Item` objects.
+        """
         rid = request.id
         async with self._pool.transaction() as conn:
             try:
@@ -571,34 +573,17 @@ class PostgresStorage:
                 copy.set_types(["text", "int4", "int4", "text[]", "text[]"])
                 for r in rows:
                     await copy.write_row((rid, r.index, r.line, list(r.cells), list(r.urls)))
+            prefix = f"{rid}."
+            at = request.created_at
+            pending = ItemStatus.PENDING.value
             try:
                 async with cur.copy(
                     "COPY items (id, request_id, seq, row_index, url_position, url, status, "
-                    "attempts, lease_until, output_key, content_type, bytes_in, bytes_out, "
-                    "width, height, error_code, error_message, updated_at) FROM STDIN"
+                    "attempts, updated_at) FROM STDIN"
                 ) as copy:
-                    for seq, i in enumerate(items):
+                    for seq, row, position, url in item_rows(rows):
                         await copy.write_row(
-                            (
-                                i.id,
-                                rid,
-                                seq,
-                                i.row,
-                                i.position,
-                                i.url,
-                                i.status.value,
-                                i.attempts,
-                                i.lease_until,
-                                i.output_key,
-                                i.content_type,
-                                i.bytes_in,
-                                i.bytes_out,
-                                i.width,
-                                i.height,
-                                i.error_code,
-                                i.error_message,
-                                i.updated_at,
-                            )
+                            (prefix + str(seq), rid, seq, row, position, url, pending, 0, at)
                         )
             except errors.UniqueViolation as exc:
                 raise StorageError(f"request {rid}: duplicate item id ({exc})") from None
