@@ -26,6 +26,7 @@ import httpx
 
 from bench._proc import (
     Proc,
+    descendants,
     free_port,
     proc_status_kb,
     tree_cpu_seconds,
@@ -137,6 +138,23 @@ class Serve:
 
     def processes(self) -> int:
         return len(self.hwm_by_pid())
+
+    def wait_workers(self, timeout: float = 60.0) -> None:
+        """Wait until every worker child has opened the database (its loop starts).
+
+        `csvimg serve` answers HTTP before its ``csvimg worker`` children have
+        imported everything (a second or two on a slow machine): a batch
+        started earlier would measure their start-up as well.
+        """
+        db = str(self.data_dir / "csvimg.db")
+        deadline = time.monotonic() + timeout
+        while True:
+            children = [pid for pid in descendants(self.proc.pid) if _is_worker(pid)]
+            if all(_has_open(pid, db) for pid in children):
+                return
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"worker processes {children} did not open {db} in {timeout} s")
+            time.sleep(0.05)
 
     def cpu_seconds(self) -> float:
         """CPU seconds of the server and its worker children so far."""
@@ -266,3 +284,26 @@ class Worker:
 
     def close(self) -> None:
         self.proc.stop()
+
+
+def _has_open(pid: int, path: str) -> bool:
+    """Whether process *pid* holds *path* open (a gone process counts as done)."""
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return True
+    for fd in fds:
+        try:
+            if os.readlink(f"/proc/{pid}/fd/{fd}") == path:
+                return True
+        except OSError:
+            continue
+    return False
+
+
+def _is_worker(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return b"\0worker\0" in f.read()
+    except OSError:
+        return False

@@ -171,6 +171,7 @@ class Context:
         )
 
     def warm(self, server: Serve) -> None:
+        server.wait_workers()
         n = self.config.counts.warmup
         if n:
             server.run_batch(self.urls("0.3MP-jpeg", n))

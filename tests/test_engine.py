@@ -272,3 +272,51 @@ async def test_stop_finishes_in_flight_items_and_records_them(host: ImageHost) -
         done = await engine.get_request(request.id)
         assert (done.status, done.done) == (RequestStatus.COMPLETED, 1)
         assert await engine.queue.depth() == 0
+
+
+@pytest.mark.parametrize("budget", [32 * 1024 * 1024, 1])
+async def test_download_slot_freed_while_image_waits_for_codec(
+    host: ImageHost, budget: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A downloaded image waiting for the codec frees its download slot, within the budget.
+
+    With concurrency 1 and the codec held, the second download starts only
+    if the first image's bytes fit the backlog budget; otherwise the slot
+    stays taken (memory stays bounded) until the first image is done.
+    """
+    import csvimg.engine as engine_module
+
+    monkeypatch.setattr(engine_module, "_BACKLOG_BYTES", budget)
+    fetches: list[float] = []
+    fetched = [anyio.Event(), anyio.Event()]  # set by the first and second download
+    release = anyio.Event()
+    async with Engine(_settings(host, concurrency=1)) as engine:
+        real_compress = engine.compress
+
+        async def held_compress(data: bytes, options: csvimg.ProcessOptions) -> object:
+            await release.wait()
+            return await real_compress(data, options)
+
+        monkeypatch.setattr(engine, "compress", held_compress)
+        def on_timing(stage: str, _: float) -> None:
+            if stage == "fetch":
+                fetches.append(1)
+                fetched[min(len(fetches), 2) - 1].set()
+
+        engine.on_timing(on_timing)
+        request = await engine.submit(
+            _csv([("1", "A", host.url("/a.jpg")), ("2", "B", host.url("/c.jpg"))])
+        )
+        with anyio.fail_after(20):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(lambda: engine.run_worker(claim_wait=0.1))
+                await fetched[0].wait()
+                if budget > 1:
+                    await fetched[1].wait()  # the second download ran meanwhile
+                else:
+                    await anyio.sleep(0.5)
+                    assert len(fetches) == 1  # no room: the slot stayed taken
+                release.set()
+                done = await engine.wait(request.id, timeout=15)
+                tg.cancel_scope.cancel()
+        assert (done.status, done.done) == (RequestStatus.COMPLETED, 2)

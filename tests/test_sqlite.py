@@ -578,3 +578,33 @@ async def test_inline_writes_checkpoint_the_wal_in_a_thread(tmp_path: Path) -> N
         assert threads[0] != threading.current_thread().name
     finally:
         await storage.close()
+
+
+async def test_waiting_consumer_wakes_when_another_process_enqueues(db: Path) -> None:
+    """A claim waiting on an empty queue sees another instance's enqueue through the WAL.
+
+    The two instances share nothing but the file (like two processes);
+    polling is slowed to 30 s, so only the WAL watch can wake the consumer
+    before the claim's 20 s wait runs out.
+    """
+    waiting, writer = SqliteQueue(db), SqliteQueue(db)
+    waiting.poll_min = waiting.poll_max = 30.0
+    await waiting.open()
+    await writer.open()
+    try:
+        assert await waiting.claim(consumer="w", max_items=1, lease_seconds=30, wait=0) == []
+        got: list[str] = []
+
+        async def consume() -> None:
+            claims = await waiting.claim(consumer="w", max_items=5, lease_seconds=30, wait=20)
+            got.extend(c.item_id for c in claims)
+
+        with anyio.fail_after(10):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(consume)
+                await anyio.sleep(0.1)  # the consumer is waiting now
+                await writer.enqueue(["r.0", "r.1"])
+        assert got == ["r.0", "r.1"]
+    finally:
+        await writer.close()
+        await waiting.close()

@@ -345,12 +345,19 @@ class Engine:
             lambda: compress(data, options, limits), limiter=self._codec_limiter
         )
 
-    async def _produce(self, item: Item, request: Request) -> ItemResult:
+    async def _produce(
+        self,
+        item: Item,
+        request: Request,
+        downloaded: Callable[[int], None] | None = None,
+    ) -> ItemResult:
         started = time.perf_counter()
         try:
             fetched = await self.fetcher.fetch(item.url, first_chunk_check=sniff)
         finally:
             self._timed("fetch", started)
+        if downloaded is not None:
+            downloaded(len(fetched.data))
         started = time.perf_counter()
         try:
             out = await self.compress(fetched.data, request.options)
@@ -422,10 +429,19 @@ class Engine:
         for on_finished in self._on_request_finished:
             on_finished(finished)
 
-    async def _outcome(self, item: Item, request: Request) -> ItemResult:
-        """Fetch, compress and store one item; every failure but `StorageError` is a result."""
+    async def _outcome(
+        self,
+        item: Item,
+        request: Request,
+        downloaded: Callable[[int], None] | None = None,
+    ) -> ItemResult:
+        """Fetch, compress and store one item; every failure but `StorageError` is a result.
+
+        *downloaded(size)* is called once the image's bytes are in memory,
+        before the codec step.
+        """
         try:
-            return await self._produce(item, request)
+            return await self._produce(item, request, downloaded)
         except ItemError as exc:
             return ItemResult.failure(exc.code, exc.message)
         except StorageError:
@@ -587,6 +603,16 @@ class Engine:
 _FLUSH_MAX = 256
 """Most finished items the group-commit task records in one round."""
 
+_BACKLOG_BYTES = 32 * 1024 * 1024
+"""Downloaded bytes a worker lets wait for the codec after freeing their download slots.
+
+A download slot is freed as soon as its image is in memory, while the
+images so waiting stay within this budget: the next downloads start
+instead of waiting behind a queue of codec work (a slow host answers a
+whole round of downloads at once), and memory stays bounded by
+``concurrency`` bodies in their slots plus this budget.
+"""
+
 _REQUEST_CACHE = 256
 """Requests a worker keeps (for their options) before it forgets them all."""
 
@@ -653,8 +679,10 @@ async def _extend_many(queue: Queue, claims: Sequence[Claim], lease_seconds: flo
 class _Worker:
     """One `Engine.run_worker` loop: claims, in-flight items, the group commit, the leases.
 
-    A claimed id holds a slot from its claim until its result is handed to
-    the flusher (or it is released); its claim stays in ``claims`` and, once
+    A claimed id holds a slot from its claim until its image is downloaded
+    (when the bytes fit `_BACKLOG_BYTES`; they then wait for a codec thread
+    without a slot) or else until its result is handed to the flusher (or
+    it is released); its claim stays in ``claims`` and, once
     started, its item id in ``leased`` until the flusher recorded and acked
     it, so the lease keeper extends both meanwhile.
     """
@@ -662,6 +690,7 @@ class _Worker:
     def __init__(self, engine: Engine, concurrency: int) -> None:
         self.engine = engine
         self.slots = anyio.Semaphore(concurrency)
+        self.backlog_used = 0  # bytes of downloaded images waiting for the codec, slot freed
         self.claims: dict[str, Claim] = {}  # token -> claim, until acked or released
         self.leased: dict[str, int] = {}  # started item id -> tasks holding it
         self.waiting: list[tuple[Claim, Item | None, ItemResult | None]] = []
@@ -726,20 +755,38 @@ class _Worker:
 
     async def _run(self, claim: Claim, item: Item) -> None:
         engine = self.engine
+        held = 0  # bytes of the backlog budget this item holds, once downloaded
+        freed = False  # its slot was given back at the end of the download
+
+        def downloaded(size: int) -> None:
+            # The download is over: give its slot to the next one when the
+            # body fits the backlog budget (it then waits for a codec thread
+            # without holding a download slot); otherwise keep the slot, so
+            # memory stays bounded by slots plus budget.
+            nonlocal held, freed
+            if self.backlog_used + size <= _BACKLOG_BYTES:
+                self.backlog_used += size
+                held = size
+                freed = True
+                self.slots.release()
+
         try:
-            request = await self._request(item.request_id)
-            if request is None:  # pragma: no cover - storage keeps them together
-                result = None
-            elif item.attempts > engine.settings.max_attempts:
-                result = _too_many_attempts(item)
-            else:
-                result = await engine._outcome(item, request)
+            try:
+                request = await self._request(item.request_id)
+                if request is None:  # pragma: no cover - storage keeps them together
+                    result = None
+                elif item.attempts > engine.settings.max_attempts:
+                    result = _too_many_attempts(item)
+                else:
+                    result = await engine._outcome(item, request, downloaded)
+            finally:
+                self.backlog_used -= held
         except StorageError as exc:
             self._storage_failed(claim, exc)
             self._unlease(item.id)
-            await self._release([claim])
+            await self._release([claim], slot_held=not freed)
             return
-        self._hand_over(claim, item if result is not None else None, result)
+        self._hand_over(claim, item if result is not None else None, result, slot_held=not freed)
 
     async def _request(self, request_id: str) -> Request | None:
         """The item's request, for its options (they never change): cached."""
@@ -752,11 +799,19 @@ class _Worker:
                 self.requests[request_id] = request
         return request
 
-    def _hand_over(self, claim: Claim, item: Item | None, result: ItemResult | None) -> None:
-        """Queue a result (or a bare ack) for the flusher and free the slot."""
+    def _hand_over(
+        self,
+        claim: Claim,
+        item: Item | None,
+        result: ItemResult | None,
+        *,
+        slot_held: bool = True,
+    ) -> None:
+        """Queue a result (or a bare ack) for the flusher and free the slot (if held)."""
         self.waiting.append((claim, item, result))
         self.wakeup.set()
-        self.slots.release()
+        if slot_held:
+            self.slots.release()
 
     def _unlease(self, item_id: str) -> None:
         held = self.leased.get(item_id, 0) - 1
@@ -770,10 +825,12 @@ class _Worker:
         log.error("item %s: storage failed, will retry: %s", claim.item_id, exc,
                   extra={"item_id": claim.item_id, "error_code": "storage-error"})
 
-    async def _release(self, claims: Sequence[Claim]) -> None:
+    async def _release(self, claims: Sequence[Claim], *, slot_held: bool = True) -> None:
         """Give claims back with a growing delay after a storage failure.
 
         Items already started come back once their lease ends (the sweeper).
+        Frees one slot per claim unless *slot_held* is False (given back
+        already, at the end of the download).
         """
         with anyio.CancelScope(shield=True):
             for claim in claims:
@@ -783,8 +840,9 @@ class _Worker:
                     await self.engine.queue.release(
                         claim, delay=min(30.0, 2.0 * claim.deliveries)
                     )
-        for _ in claims:
-            self.slots.release()
+        if slot_held:
+            for _ in claims:
+                self.slots.release()
 
     # -- group commit -----------------------------------------------------
 

@@ -1202,13 +1202,21 @@ class SqliteQueue:
     ``release`` / ``extend`` touch exactly that row and only while the lease
     is still this claim's. Waiting consumers poll (50 ms growing to 250 ms)
     with a cheap read before taking the write lock, and wake at once when
-    this same instance enqueues.
+    this same instance enqueues, or within `watch_interval` when the
+    database's WAL file changes (another process wrote: maybe an enqueue).
     """
 
     poll_min = 0.05
     """First pause between polls of an empty queue (seconds)."""
     poll_max = 0.25
     """Longest pause between polls (seconds)."""
+    watch_interval = 0.01
+    """How often a waiting consumer checks the WAL file for another process's writes.
+
+    A ``stat`` of one file (microseconds, no thread): a worker process
+    starts on a request another process stored within this, not after a
+    whole poll pause.
+    """
 
     def __init__(
         self,
@@ -1225,6 +1233,7 @@ class SqliteQueue:
             schema=_QUEUE_SCHEMA,
         )
         self._wakeup: anyio.Event | None = None
+        self._wal = f"{self.path}-wal"
 
     @classmethod
     def from_url(cls, url: str, settings: Settings) -> SqliteQueue:
@@ -1330,7 +1339,29 @@ class SqliteQueue:
             if self._wakeup is None:
                 self._wakeup = anyio.Event()
             with anyio.move_on_after(sleep):
-                await self._wakeup.wait()
+                await self._wait_for_news(self._wakeup)
+
+    def _wal_state(self) -> tuple[int, int, int] | None:
+        try:
+            st = os.stat(self._wal)
+        except OSError:
+            return None
+        return st.st_ino, st.st_size, st.st_mtime_ns
+
+    async def _wait_for_news(self, wakeup: anyio.Event) -> None:
+        """Return when this instance enqueues or the WAL file changes.
+
+        Any write by any process changes the WAL (appended frames, or a
+        reset after a checkpoint), so a change is only a hint: the caller
+        polls again, which costs one read.
+        """
+        before = self._wal_state()
+        while True:
+            with anyio.move_on_after(self.watch_interval):
+                await wakeup.wait()
+                return
+            if self._wal_state() != before:
+                return
 
     async def _update(self, claim: Claim, sql: str, *params: Any) -> None:
         rid = _token_row(claim.token)
