@@ -290,12 +290,7 @@ class _Database:
                 if _is_busy(exc):
                     return False, None
                 raise
-            try:
-                result = fn(conn)
-            except BaseException:
-                conn.rollback()
-                raise
-            conn.execute("COMMIT")
+            result = _then_commit(conn, fn)
         except sqlite3.Error as exc:
             if conn is not None and conn.in_transaction:
                 conn.rollback()
@@ -392,6 +387,11 @@ def _in_transaction(conn: sqlite3.Connection, fn: Callable[[sqlite3.Connection],
     # IMMEDIATE takes the write lock now (waiting up to busy_timeout), so a
     # transaction never fails half-way trying to upgrade a read lock.
     conn.execute("BEGIN IMMEDIATE")
+    return _then_commit(conn, fn)
+
+
+def _then_commit(conn: sqlite3.Connection, fn: Callable[[sqlite3.Connection], T]) -> T:
+    """Run *fn* in the transaction just begun: commit, or roll back on any error."""
     try:
         result = fn(conn)
     except BaseException:
