@@ -504,7 +504,9 @@ def test_webhook_survives_a_server_restart_while_the_receiver_is_down(tmp_path: 
     with ImageHost() as host, httpx.Client(timeout=10) as client:
         urls = _photos(host, 2, delay=0)
         env = {"CSVIMG_FETCH_ALLOW": f"{host.allow},127.0.0.1:{receiver.port}",
-               "CSVIMG_WEBHOOK_SCHEDULE": "0.3,0.3,0.3,0.3,0.3,0.3,0.3,0.3,0.3,0.3"}
+               # The second attempt waits 2 s: the kill below lands between
+               # attempts, not while one holds the event's lease (60 s).
+               "CSVIMG_WEBHOOK_SCHEDULE": "2,0.3,0.3,0.3,0.3,0.3,0.3,0.3,0.3,0.3"}
         with ServeProcess(data, env=env, args=["--workers", "1"]) as first:
             first.wait_ready()
             request_id = _upload(client, first.url, urls, callback_url=hook)
@@ -512,6 +514,9 @@ def test_webhook_survives_a_server_restart_while_the_receiver_is_down(tmp_path: 
             deliveries = f"{first.url}/api/v1/requests/{request_id}/deliveries"
             wait_until(lambda: len(client.get(deliveries).json()["deliveries"]) >= 1,
                        timeout=15, what="a failed delivery")
+            # The attempt is logged just before the event is rescheduled (its
+            # lease dropped): let that land, well before the next attempt.
+            time.sleep(0.3)
             first.kill()  # no shutdown: the event is only in the outbox
         receiver.start()
         try:
