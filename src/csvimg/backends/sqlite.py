@@ -1327,6 +1327,9 @@ class SqliteQueue:
         deadline = anyio.current_time() + wait
         pause = self.poll_min
         while True:
+            # Before the look: a write landing between the look and the
+            # wait still counts as news.
+            wal = self._wal_state()
             claims, due = await self._take(consumer, max_items, lease_seconds)
             remaining = deadline - anyio.current_time()
             if claims or remaining <= 0:
@@ -1339,7 +1342,7 @@ class SqliteQueue:
             if self._wakeup is None:
                 self._wakeup = anyio.Event()
             with anyio.move_on_after(sleep):
-                await self._wait_for_news(self._wakeup)
+                await self._wait_for_news(self._wakeup, wal)
 
     def _wal_state(self) -> tuple[int, int, int] | None:
         try:
@@ -1348,14 +1351,16 @@ class SqliteQueue:
             return None
         return st.st_ino, st.st_size, st.st_mtime_ns
 
-    async def _wait_for_news(self, wakeup: anyio.Event) -> None:
+    async def _wait_for_news(
+        self, wakeup: anyio.Event, before: tuple[int, int, int] | None
+    ) -> None:
         """Return when this instance enqueues or the WAL file changes.
 
         Any write by any process changes the WAL (appended frames, or a
         reset after a checkpoint), so a change is only a hint: the caller
-        polls again, which costs one read.
+        polls again, which costs one read. *before* is the WAL's state
+        when the caller last looked at the queue.
         """
-        before = self._wal_state()
         while True:
             with anyio.move_on_after(self.watch_interval):
                 await wakeup.wait()
