@@ -18,14 +18,14 @@ import sys
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from types import TracebackType
-from typing import Any, Self
+from typing import Any
 
 import attrs
 import httpx
 
 from bench._proc import (
     Proc,
+    Stoppable,
     descendants,
     free_port,
     proc_status_kb,
@@ -83,7 +83,7 @@ class BatchResult:
         return self.cpu_seconds / self.seconds
 
 
-class Serve:
+class Serve(Stoppable):
     """``csvimg serve`` in its own process group; stopped on exit."""
 
     def __init__(
@@ -117,7 +117,7 @@ class Serve:
         try:
             wait_http(self.url + "/healthz", self.proc, timeout=60)
         except BaseException:
-            self.close()
+            self.stop()
             raise
 
     # -- memory and CPU ---------------------------------------------------
@@ -244,22 +244,12 @@ class Serve:
             )
         return result
 
-    def close(self) -> None:
+    def stop(self) -> None:
+        """Stop the server and its workers; delete its data, keep its log."""
         self.client.close()
         self.proc.stop()
         # The output images of a full run take a GB or more: keep only the log.
         shutil.rmtree(self.data_dir, ignore_errors=True)
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
 
 class Worker:

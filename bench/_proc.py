@@ -26,6 +26,7 @@ import httpx
 __all__ = [
     "Proc",
     "ProcSet",
+    "Stoppable",
     "descendants",
     "free_port",
     "proc_cpu_seconds",
@@ -105,7 +106,26 @@ def proc_cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / ticks
 
 
-class Proc:
+class Stoppable:
+    """Base of the bench's process holders: a ``with`` block ends with `stop`."""
+
+    def stop(self) -> object:
+        """Stop what this holds (subclasses)."""
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+
+class Proc(Stoppable):
     """One child process in its own process group, logging to *log_path*."""
 
     def __init__(
@@ -170,17 +190,6 @@ class Proc:
             return self.popen.returncode
         finally:
             self._log.close()
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
 
 class ProcSet:

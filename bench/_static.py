@@ -26,10 +26,9 @@ import shutil
 import sys
 from collections.abc import Awaitable, Callable, MutableMapping
 from pathlib import Path
-from types import TracebackType
-from typing import Any, Self
+from typing import Any
 
-from bench._proc import Proc, free_port, wait_http
+from bench._proc import Proc, Stoppable, free_port, wait_http
 
 __all__ = ["StaticServer", "make_app", "nginx_available"]
 
@@ -125,7 +124,7 @@ http {{
 """
 
 
-class StaticServer:
+class StaticServer(Stoppable):
     """Serve *root* on a free 127.0.0.1 port in another process (see the module doc)."""
 
     def __init__(self, root: Path, work: Path, *, latency: float = 0.0, kind: str = "auto") -> None:
@@ -182,17 +181,6 @@ class StaticServer:
 
     def stop(self) -> None:
         self.proc.stop()
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
 
 def main() -> None:
