@@ -21,6 +21,7 @@ import pytest
 from csvimg._errors import ConfigError, StorageError
 from csvimg.backends import sqlite as sqlite_module
 from csvimg.backends.sqlite import SqliteQueue, SqliteStorage, parse_sqlite_url
+from csvimg.backends.sqlite import storage as sqlite_storage
 from csvimg.jobs import (
     Item,
     ItemIds,
@@ -182,7 +183,7 @@ async def test_items_derived_from_rows_either_way(
     Chunks of 3 rows; the second has a URL that JSON escapes and the fourth
     indexes that skip, so those take the tuple path even when SQL may derive.
     """
-    monkeypatch.setattr(sqlite_module, "_ROWS_PER_CHUNK", 3)
+    monkeypatch.setattr(sqlite_storage, "_ROWS_PER_CHUNK", 3)
     monkeypatch.setattr(storage, "derive_items_in_sql", in_sql)
     with sqlite3.connect(":memory:") as probe:  # this SQLite can, so SQL does derive
         assert sqlite_module._sql_items_available(probe)

@@ -7,7 +7,8 @@ colliding in SQLite's busy handler (which sleeps 1, 2, 5, 10 ... ms).
 
 import threading
 
-import csvimg.backends.sqlite as _sqlite
+# Patched where `_Database.write` looks it up, not in the package that re-exports it.
+import csvimg.backends.sqlite._database as _sqlite
 
 _lock = threading.Lock()
 _original = _sqlite._in_transaction
