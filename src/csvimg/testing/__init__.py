@@ -17,11 +17,13 @@ providing one fixture (the fsspec ``tests/abstract`` style)::
             yield backend          # a fresh, empty, opened backend per test
             await backend.close()
 
-The three base classes and the fixture each one needs:
+The base classes and the fixture each one needs:
 
 * `StorageContract`  -- ``storage``: an opened `Storage`
 * `QueueContract`    -- ``queue``:   an opened `Queue`
 * `BlobStoreContract` -- ``blobs``:  an opened `BlobStore`
+* `EngineSmokeTests` -- ``engine_settings``: `Settings` naming fresh,
+  empty backends (a whole request through an `Engine` on them)
 
 Tests are ``async def`` methods run by AnyIO's pytest plugin, which comes
 with anyio and needs no configuration: the base classes carry the
@@ -57,6 +59,9 @@ What is proven:
   follow the bytes, overwrite, nested keys, atomic replacement under
   concurrent readers, and refusal of every key in `HOSTILE_KEYS` with
   `ValueError` (see `csvimg.backends.files.check_key` for the rule).
+* engine -- a small CSV whose images a local HTTP server serves runs to
+  COMPLETED through an `Engine` on the backends, with the right counts,
+  stored images and output CSV.
 
 Timing knobs are class attributes (`QueueContract.lease`,
 `StorageContract.short_lease`...): a backend whose clock is remote may
@@ -68,7 +73,7 @@ leases them until `FAR_FUTURE`: the backend under test must not be
 shared with anything else.
 
 The suite is a package with one module per contract (``storage``,
-``queue``, ``blobs``, and ``state_machine`` for
+``queue``, ``blobs``, ``engine``, and ``state_machine`` for
 `StorageMachine`); import every name from ``csvimg.testing`` itself.
 """
 
@@ -76,6 +81,7 @@ from __future__ import annotations
 
 from csvimg.testing._helpers import FAR_FUTURE, claimable_events, sample_request
 from csvimg.testing.blobs import HOSTILE_KEYS, BlobStoreContract
+from csvimg.testing.engine import EngineBackends, EngineSmokeTests
 from csvimg.testing.queue import QueueContract
 from csvimg.testing.state_machine import StorageMachine
 from csvimg.testing.storage import StorageContract
@@ -84,6 +90,8 @@ __all__ = [
     "FAR_FUTURE",
     "HOSTILE_KEYS",
     "BlobStoreContract",
+    "EngineBackends",
+    "EngineSmokeTests",
     "QueueContract",
     "StorageContract",
     "StorageMachine",

@@ -25,7 +25,9 @@ from csvimg.testing.state_machine import StorageMachine
 __all__ = ["StorageContract"]
 
 
-class StorageContract(_RequestTests, _LeaseTests, _FinishTests, _BatchTests, _OutboxTests):
+# Bases in reverse: pytest (and the API docs) list inherited tests from the
+# last base to the first, so this runs the parts in the order of the contract.
+class StorageContract(_OutboxTests, _BatchTests, _FinishTests, _LeaseTests, _RequestTests):
     """The `Storage` contract; a subclass provides the ``storage`` fixture.
 
     The fixture yields a fresh, empty, opened backend for each test.
