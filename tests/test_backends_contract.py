@@ -7,12 +7,14 @@ from pathlib import Path
 
 import pytest
 
+from csvimg import Settings
 from csvimg.backends import BlobStore, Queue, Storage
 from csvimg.backends.files import FileBlobStore
 from csvimg.backends.memory import MemoryBlobStore, MemoryQueue, MemoryStorage
 from csvimg.backends.sqlite import SqliteQueue, SqliteStorage
 from csvimg.testing import (
     BlobStoreContract,
+    EngineSmokeTests,
     QueueContract,
     StorageContract,
 )
@@ -45,6 +47,12 @@ class TestMemoryBlobStore(BlobStoreContract):
         await backend.close()
 
 
+class TestMemoryEngine(EngineSmokeTests):
+    @pytest.fixture
+    def engine_settings(self) -> Settings:
+        return Settings(storage_url="memory://", blobs_url="memory://")
+
+
 class TestSqliteStorage(StorageContract):
     @pytest.fixture
     async def storage(self, tmp_path: Path) -> AsyncIterator[Storage]:
@@ -70,3 +78,11 @@ class TestFileBlobStore(BlobStoreContract):
         await backend.open()
         yield backend
         await backend.close()
+
+
+class TestSqliteEngine(EngineSmokeTests):
+    @pytest.fixture
+    def engine_settings(self, tmp_path: Path) -> Settings:
+        return Settings(
+            storage_url=f"sqlite:///{tmp_path}/csvimg.db", blobs_url=f"file://{tmp_path}/blobs"
+        )

@@ -33,11 +33,11 @@ from csvimg_server._process import Tally, ThroughputLog
 from csvimg_server.cli import (
     DEFAULT_STATS_INTERVAL,
     UsageError,
-    _backend_settings,
-    _stats_interval,
     build_parser,
     main,
 )
+from csvimg_server.cli._backends import backend_settings
+from csvimg_server.cli._options import stats_interval
 from server_helpers import (
     ServeProcess,
     ThreadServer,
@@ -191,7 +191,7 @@ def test_option_beats_env_beats_data_dir(tmp_path: Path) -> None:
     parser = build_parser()
     data = tmp_path / "data"
     args = parser.parse_args(["serve", "--data-dir", str(data)])
-    settings = _backend_settings(args, {})
+    settings = backend_settings(args, {})
     assert settings.storage_url == f"sqlite:///{data}/csvimg.db"
     assert settings.blobs_url == f"file://{data}/images"
     assert settings.effective_queue_url == settings.storage_url
@@ -203,7 +203,7 @@ def test_option_beats_env_beats_data_dir(tmp_path: Path) -> None:
         "CSVIMG_DATA_DIR": str(tmp_path / "elsewhere"),
         "CSVIMG_CONCURRENCY": "7",
     }
-    from_env = _backend_settings(parser.parse_args(["worker"]), env)
+    from_env = backend_settings(parser.parse_args(["worker"]), env)
     assert (from_env.storage_url, from_env.queue_url, from_env.blobs_url) == (
         "memory://", "memory://", "memory://")
     assert from_env.concurrency == 7
@@ -211,7 +211,7 @@ def test_option_beats_env_beats_data_dir(tmp_path: Path) -> None:
     argv = ["serve", "--storage", f"sqlite:///{tmp_path}/x.db", "--blobs",
             f"file://{tmp_path}/b", "--queue", "memory://", "--concurrency", "3",
             "--public-url", "https://img.example.com"]
-    options = _backend_settings(parser.parse_args(argv), env)
+    options = backend_settings(parser.parse_args(argv), env)
     assert options.storage_url == f"sqlite:///{tmp_path}/x.db"
     assert options.blobs_url == f"file://{tmp_path}/b"
     assert options.queue_url == "memory://"
@@ -222,12 +222,12 @@ def test_option_beats_env_beats_data_dir(tmp_path: Path) -> None:
 def test_webhook_secret_is_kept_in_the_data_dir(tmp_path: Path) -> None:
     parser = build_parser()
     args = parser.parse_args(["serve", "--data-dir", str(tmp_path / "d")])
-    first = _backend_settings(args, {}).webhook_secret
-    second = _backend_settings(parser.parse_args(["worker", "--data-dir",
+    first = backend_settings(args, {}).webhook_secret
+    second = backend_settings(parser.parse_args(["worker", "--data-dir",
                                                   str(tmp_path / "d")]), {}).webhook_secret
     assert first == second and first.startswith("whsec_")
     assert (tmp_path / "d" / "webhook-secret").stat().st_mode & 0o777 == 0o600
-    fixed = _backend_settings(args, {"CSVIMG_WEBHOOK_SECRET": "whsec_" + "A" * 32})
+    fixed = backend_settings(args, {"CSVIMG_WEBHOOK_SECRET": "whsec_" + "A" * 32})
     assert fixed.webhook_secret == "whsec_" + "A" * 32
 
 
@@ -366,19 +366,19 @@ class _Tty(io.StringIO):
 def test_stats_interval_option_env_and_terminal_default() -> None:
     parser = build_parser()
     serve = parser.parse_args(["serve"])
-    assert _stats_interval(serve, {}, io.StringIO()) == 0  # not a terminal: off
-    assert _stats_interval(serve, {}, _Tty()) == DEFAULT_STATS_INTERVAL
-    assert _stats_interval(serve, {"CSVIMG_STATS_INTERVAL": "2.5"}, io.StringIO()) == 2.5
-    assert _stats_interval(serve, {"CSVIMG_STATS_INTERVAL": "0"}, _Tty()) == 0
+    assert stats_interval(serve, {}, io.StringIO()) == 0  # not a terminal: off
+    assert stats_interval(serve, {}, _Tty()) == DEFAULT_STATS_INTERVAL
+    assert stats_interval(serve, {"CSVIMG_STATS_INTERVAL": "2.5"}, io.StringIO()) == 2.5
+    assert stats_interval(serve, {"CSVIMG_STATS_INTERVAL": "0"}, _Tty()) == 0
     option = parser.parse_args(["worker", "--stats-interval", "7"])
-    assert _stats_interval(option, {"CSVIMG_STATS_INTERVAL": "2"}, io.StringIO()) == 7
+    assert stats_interval(option, {"CSVIMG_STATS_INTERVAL": "2"}, io.StringIO()) == 7
     for bad in ("soon", "-1", "nan", "inf"):
         with pytest.raises(UsageError):
-            _stats_interval(serve, {"CSVIMG_STATS_INTERVAL": bad}, io.StringIO())
+            stats_interval(serve, {"CSVIMG_STATS_INTERVAL": bad}, io.StringIO())
     # A real terminal, as 'csvimg serve' in a shell has.
     primary, replica = pty.openpty()
     with os.fdopen(replica, "w") as tty:
-        assert _stats_interval(serve, {}, tty) == DEFAULT_STATS_INTERVAL
+        assert stats_interval(serve, {}, tty) == DEFAULT_STATS_INTERVAL
     os.close(primary)
 
 

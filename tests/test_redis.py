@@ -38,8 +38,10 @@ from csvimg._errors import ConfigError, StorageError  # noqa: E402
 from csvimg.backends import Queue, Storage  # noqa: E402
 from csvimg.backends.redis import RedisQueue, RedisStorage  # noqa: E402
 from csvimg.jobs import ItemResult, ItemStatus, RequestStatus, Row, now  # noqa: E402
+from csvimg.settings import Settings  # noqa: E402
 from csvimg.testing import (  # noqa: E402
     FAR_FUTURE,
+    EngineSmokeTests,
     QueueContract,
     StorageContract,
     claimable_events,
@@ -122,6 +124,12 @@ class TestRedisQueueContract(QueueContract):
         await backend.open()
         yield backend
         await backend.close()
+
+
+class TestRedisEngine(EngineSmokeTests):
+    @pytest.fixture
+    def engine_settings(self, storage_url: str) -> Settings:
+        return Settings(storage_url=storage_url, blobs_url="memory://")
 
 
 # -- URLs, plugin, errors (no server needed) ---------------------------------

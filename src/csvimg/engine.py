@@ -56,6 +56,7 @@ from csvimg.jobs import (
     new_id,
     now,
 )
+from csvimg.ledger import too_many_attempts
 from csvimg.manifest import Manifest, parse_manifest
 from csvimg.plugins import Plugins
 from csvimg.settings import Settings
@@ -396,7 +397,7 @@ class Engine:
         if request is None:  # pragma: no cover - storage keeps them together
             return True
         if item.attempts > s.max_attempts:
-            result = _too_many_attempts(item)
+            result = too_many_attempts(item.attempts)
         else:
             result = await self._run_with_lease(item, request)
         finished = await self.storage.finish_item(item.id, result)
@@ -617,13 +618,6 @@ _REQUEST_CACHE = 256
 """Requests a worker keeps (for their options) before it forgets them all."""
 
 
-def _too_many_attempts(item: Item) -> ItemResult:
-    return ItemResult.failure(
-        "too-many-attempts",
-        f"gave up after {item.attempts - 1} attempts (a worker died each time)",
-    )
-
-
 # Batch calls, item by item when a backend predates the batch methods.
 
 
@@ -776,7 +770,7 @@ class _Worker:
                 if request is None:  # pragma: no cover - storage keeps them together
                     result = None
                 elif item.attempts > engine.settings.max_attempts:
-                    result = _too_many_attempts(item)
+                    result = too_many_attempts(item.attempts)
                 else:
                     result = await engine._outcome(item, request, downloaded)
             finally:

@@ -352,6 +352,7 @@ class Event:
     callback_url: str | None = None
     attempts: int = 0
     next_attempt_at: float | None = None
+    lease_until: float | None = None
 
 
 @attrs.frozen

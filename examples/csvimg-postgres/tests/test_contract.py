@@ -5,7 +5,8 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 
 import pytest
-from csvimg.testing import QueueContract, StorageContract
+from csvimg import Settings
+from csvimg.testing import EngineSmokeTests, QueueContract, StorageContract
 
 from csvimg_postgres import PostgresQueue, PostgresStorage
 
@@ -26,3 +27,10 @@ class TestPostgresQueue(QueueContract):
         await backend.open()
         yield backend
         await backend.close()
+
+
+class TestPostgresEngine(EngineSmokeTests):
+    @pytest.fixture
+    def engine_settings(self, schema_url: str) -> Settings:
+        # The queue URL defaults to the storage's: PostgresQueue.
+        return Settings(storage_url=schema_url, blobs_url="memory://")

@@ -18,6 +18,7 @@ from collections.abc import Sequence
 import anyio
 import attrs
 
+from csvimg import ledger
 from csvimg._errors import NotFoundError, StorageError
 from csvimg.backends import BlobInfo, Claim, check_key
 from csvimg.jobs import (
@@ -28,13 +29,15 @@ from csvimg.jobs import (
     ItemResult,
     ItemStatus,
     Request,
-    RequestStatus,
     Row,
     Webhook,
     item_id,
     item_rows,
     now,
 )
+
+# The rules' old home; kept importable for backends written against it.
+from csvimg.ledger import finish_outcome, lease_item, settle_item
 from csvimg.plugins import BackendRegistry, hookimpl
 from csvimg.settings import Settings
 
@@ -48,80 +51,6 @@ __all__ = [
 ]
 
 
-def lease_item(item: Item | None, *, at: float, lease_seconds: float) -> Item | None:
-    """Return *item* leased for processing at *at*, or None if it may not be (a pure function).
-
-    PENDING moves to PROCESSING; a PROCESSING item whose lease ended (its
-    worker died) goes back to PENDING and is taken over; attempts count up.
-    None for an unknown, finished, or live-leased item. Shared by every
-    backend, like `finish_outcome`, so the takeover rule lives once.
-    """
-    if item is None or item.status.finished:
-        return None
-    if item.status is ItemStatus.PROCESSING:
-        if item.lease_until is not None and item.lease_until > at:
-            return None
-        item = item.with_status(ItemStatus.PENDING, updated_at=at)
-    return item.with_status(
-        ItemStatus.PROCESSING,
-        attempts=item.attempts + 1,
-        lease_until=at + lease_seconds,
-        updated_at=at,
-    )
-
-
-def settle_item(item: Item, result: ItemResult, *, at: float) -> Item:
-    """Return *item* moved to DONE or FAILED with *result* (a pure function).
-
-    The caller has checked the item is not finished. A PENDING item is
-    accepted too: a slow worker's result may arrive after its lease was
-    taken back, and keeping it beats redoing the work.
-    """
-    if item.status is ItemStatus.PENDING:
-        item = item.with_status(ItemStatus.PROCESSING, updated_at=at)
-    return item.with_status(
-        ItemStatus.DONE if result.ok else ItemStatus.FAILED,
-        output_key=result.output_key,
-        content_type=result.content_type,
-        bytes_in=result.bytes_in,
-        bytes_out=result.bytes_out,
-        width=result.width,
-        height=result.height,
-        error_code=result.error_code,
-        error_message=result.error_message,
-        lease_until=None,
-        updated_at=at,
-    )
-
-
-def finish_outcome(request: Request, result: ItemResult, at: float) -> tuple[Request, Event | None]:
-    """Apply one item's result to its request's counters (a pure function).
-
-    Returns the updated request and, when that item was the last one, the
-    outbox event to record with it. Shared by every backend so that the
-    rule "COMPLETED if any item is done, FAILED if all failed" lives once.
-    """
-    done = request.done + (1 if result.ok else 0)
-    failed = request.failed + (0 if result.ok else 1)
-    updated = attrs.evolve(request, done=done, failed=failed, updated_at=at)
-    if done + failed < request.total:
-        return updated, None
-    if updated.status is RequestStatus.PENDING:
-        updated = updated.with_status(RequestStatus.PROCESSING, at=at)
-    final = RequestStatus.COMPLETED if done > 0 else RequestStatus.FAILED
-    updated = updated.with_status(final, at=at)
-    event = Event(
-        id=f"msg_{uuid.uuid4().hex}",
-        type="request.completed" if final is RequestStatus.COMPLETED else "request.failed",
-        request_id=request.id,
-        created_at=at,
-        owner=request.owner,
-        callback_url=request.callback_url,
-        next_attempt_at=at,
-    )
-    return updated, event
-
-
 class MemoryStorage:
     """Storage kept in dicts; see `csvimg.backends.Storage`."""
 
@@ -133,7 +62,6 @@ class MemoryStorage:
         self._item_ids: dict[str, ItemIds] = {}
         self._webhooks: dict[str, Webhook] = {}
         self._events: dict[str, Event] = {}
-        self._event_leases: dict[str, float] = {}
         self._deliveries: dict[str, list[Delivery]] = {}
         self.closed = False
 
@@ -200,27 +128,44 @@ class MemoryStorage:
         """Return the item or None."""
         return self._items.get(item_id)
 
+    def _read(self, reads: ledger.Reads) -> ledger.State:
+        items = {i: self._items[i] for i in reads.item_ids if i in self._items}
+        if reads.stale is not None:
+            q = reads.stale
+            for item in self._items.values():
+                if (
+                    item.status is ItemStatus.PROCESSING
+                    and item.lease_until is not None
+                    and item.lease_until < q.now
+                ) or (item.status is ItemStatus.PENDING and item.updated_at < q.pending_before):
+                    items[item.id] = item
+        events = {i: self._events[i] for i in reads.event_ids if i in self._events}
+        if reads.due is not None:
+            events.update((e.id, e) for e in self._events.values())
+        requests = {i.request_id: self._requests[i.request_id] for i in items.values()}
+        return ledger.State(items=items, requests=requests, events=events)
+
+    def _write(self, changes: ledger.Changes) -> None:
+        for item in changes.items:
+            self._items[item.id] = item
+        for request in changes.requests:
+            self._requests[request.id] = request
+        for event in changes.events:
+            self._events[event.id] = event
+
+    def _apply(self, op: ledger.Operation) -> ledger.Changes:
+        with self._lock:
+            return ledger.run(op, self._read, self._write)
+
     async def start_item(self, item_id: str, *, lease_seconds: float) -> Item | None:
         """Lease the item (see the protocol)."""
-        with self._lock:
-            return self._start(item_id, now(), lease_seconds)
-
-    def _start(self, item_id: str, at: float, lease_seconds: float) -> Item | None:
-        item = lease_item(self._items.get(item_id), at=at, lease_seconds=lease_seconds)
-        if item is None:
-            return None
-        self._items[item_id] = item
-        request = self._requests[item.request_id]
-        if request.status is RequestStatus.PENDING:
-            self._requests[request.id] = request.with_status(RequestStatus.PROCESSING, at=at)
-        return item
+        started = await self.start_items([item_id], lease_seconds=lease_seconds)
+        return started[0] if started else None
 
     async def start_items(self, item_ids: Sequence[str], *, lease_seconds: float) -> list[Item]:
         """Lease many items in one step; return those that started."""
-        at = now()
-        with self._lock:
-            started = (self._start(i, at, lease_seconds) for i in item_ids)
-            return [item for item in started if item is not None]
+        op = ledger.StartItems(tuple(item_ids), at=now(), lease_seconds=lease_seconds)
+        return list(self._apply(op).started)
 
     async def extend_lease(self, item_id: str, *, lease_seconds: float) -> bool:
         """Extend a PROCESSING item's lease."""
@@ -228,16 +173,8 @@ class MemoryStorage:
 
     async def extend_leases(self, item_ids: Sequence[str], *, lease_seconds: float) -> list[str]:
         """Extend the leases of the PROCESSING items among *item_ids*."""
-        until = now() + lease_seconds
-        extended: list[str] = []
-        with self._lock:
-            for item_id in item_ids:
-                item = self._items.get(item_id)
-                if item is None or item.status is not ItemStatus.PROCESSING:
-                    continue
-                self._items[item_id] = attrs.evolve(item, lease_until=until)
-                extended.append(item_id)
-        return extended
+        op = ledger.ExtendLeases(tuple(item_ids), at=now(), lease_seconds=lease_seconds)
+        return list(self._apply(op).ids)
 
     async def retry_item(self, item_id: str, *, error_code: str, error_message: str) -> bool:
         """PROCESSING -> PENDING."""
@@ -255,48 +192,17 @@ class MemoryStorage:
 
     async def finish_item(self, item_id: str, result: ItemResult) -> Request | None:
         """Record the outcome; idempotent."""
-        with self._lock:
-            return self._finish(item_id, result, now())
-
-    def _finish(self, item_id: str, result: ItemResult, at: float) -> Request | None:
-        item = self._items.get(item_id)
-        if item is None or item.status.finished:
-            return None
-        self._items[item_id] = settle_item(item, result, at=at)
-        request, event = finish_outcome(self._requests[item.request_id], result, at)
-        self._requests[request.id] = request
-        if event is None:
-            return None
-        self._events[event.id] = event
-        return request
+        finished = await self.finish_items([(item_id, result)])
+        return finished[0] if finished else None
 
     async def finish_items(self, results: Sequence[tuple[str, ItemResult]]) -> list[Request]:
         """Record many outcomes in one step; return the requests finished."""
-        at = now()
-        with self._lock:
-            finished = (self._finish(i, result, at) for i, result in results)
-            return [request for request in finished if request is not None]
+        return list(self._apply(ledger.FinishItems(tuple(results), at=now())).finished)
 
     async def stale_items(self, *, now: float, pending_before: float, limit: int) -> list[str]:
         """Items whose lease ran out or that waited too long."""
-        found: list[str] = []
-        with self._lock:
-            for item in list(self._items.values()):
-                if len(found) >= limit:
-                    break
-                if (
-                    item.status is ItemStatus.PROCESSING
-                    and item.lease_until is not None
-                    and item.lease_until < now
-                ):
-                    self._items[item.id] = item.with_status(
-                        ItemStatus.PENDING, lease_until=None, updated_at=now
-                    )
-                    found.append(item.id)
-                elif item.status is ItemStatus.PENDING and item.updated_at < pending_before:
-                    self._items[item.id] = attrs.evolve(item, updated_at=now)
-                    found.append(item.id)
-        return found
+        op = ledger.Sweep(now=now, pending_before=pending_before, limit=limit)
+        return list(self._apply(op).ids)
 
     async def add_webhook(self, webhook: Webhook) -> None:
         """Register a receiver."""
@@ -327,29 +233,12 @@ class MemoryStorage:
 
     async def claim_events(self, *, now: float, limit: int, lease_seconds: float) -> list[Event]:
         """Lease due events."""
-        out: list[Event] = []
-        with self._lock:
-            for event in sorted(self._events.values(), key=lambda e: e.created_at):
-                if len(out) >= limit:
-                    break
-                if event.next_attempt_at is None or event.next_attempt_at > now:
-                    continue
-                if self._event_leases.get(event.id, 0.0) > now:
-                    continue
-                self._event_leases[event.id] = now + lease_seconds
-                out.append(event)
-        return out
+        op = ledger.LeaseEvents(now=now, limit=limit, lease_seconds=lease_seconds)
+        return list(self._apply(op).events)
 
     async def reschedule_event(self, event_id: str, *, next_attempt_at: float | None) -> None:
         """Schedule the next round, or mark delivered."""
-        with self._lock:
-            event = self._events.get(event_id)
-            if event is None:
-                raise NotFoundError(f"no event {event_id}")
-            self._events[event_id] = attrs.evolve(
-                event, attempts=event.attempts + 1, next_attempt_at=next_attempt_at
-            )
-            self._event_leases.pop(event_id, None)
+        self._apply(ledger.RescheduleEvent(event_id, next_attempt_at))
 
     async def add_delivery(self, request_id: str, delivery: Delivery) -> None:
         """Log one attempt."""
