@@ -37,10 +37,10 @@ from typing import Final
 
 import attrs
 from starlette.requests import HTTPConnection
-from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from csvimg._errors import ConfigError
+from csvimg_server._bodies import Error
 from csvimg_server._upload import DRAIN_BYTES
 
 __all__ = [
@@ -250,5 +250,5 @@ class ApiKeyAuth:
         if _unsent_body(scope):
             # Do not read (or let uvicorn drain) a large body from a stranger.
             headers["Connection"] = "close"
-        response = JSONResponse({"error": message}, status_code=401, headers=headers)
+        response = Error(error=message).response(401, headers)
         await response(scope, receive, send)

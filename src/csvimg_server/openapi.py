@@ -1,9 +1,12 @@
 """The OpenAPI 3.1 description of the csvimg HTTP API.
 
-Written by hand as plain data, so that the contract is read and reviewed
-as a document rather than derived from code; a test checks that every
-route of the app is described here and validates real responses against
-these schemas.
+The operations (paths, parameters, status codes, descriptions) are written
+by hand as plain data, so that the contract is read and reviewed as a
+document; the schemas of the JSON bodies are not written here but derived
+from the typed bodies the handlers send (`csvimg_server._bodies`), so a
+body and its schema cannot drift apart. A test checks that every route of
+the app is described here and validates real responses against these
+schemas.
 
 API keys are optional (``CSVIMG_API_KEYS``), so the document declares the
 ``apiKey`` bearer scheme as optional (``security: [{}, {"apiKey": []}]``)
@@ -18,11 +21,11 @@ from __future__ import annotations
 import copy
 from typing import Any, Final
 
+from csvimg_server import _bodies as body
+from csvimg_server._bodies import DEFAULT_PAGE, MAX_PAGE, SHAPES
+from csvimg_server._shape import ref
+
 __all__ = ["OPENAPI", "openapi_document"]
-
-
-def _ref(name: str) -> dict[str, str]:
-    return {"$ref": f"#/components/schemas/{name}"}
 
 
 def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
@@ -30,11 +33,8 @@ def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
 
 
 def _error(description: str) -> dict[str, Any]:
-    return _json(_ref("Error"), description)
+    return _json(ref(body.Error), description)
 
-
-_NULLABLE_INT: Final = {"type": ["integer", "null"]}
-_NULLABLE_STR: Final = {"type": ["string", "null"]}
 
 _REQUEST_ID: Final = {
     "name": "request_id",
@@ -45,238 +45,8 @@ _REQUEST_ID: Final = {
     "schema": {"type": "string", "format": "uuid"},
 }
 
-_SCHEMAS: Final[dict[str, Any]] = {
-    "Error": {
-        "type": "object",
-        "description": "Every error answer: a message for people, sometimes more detail.",
-        "required": ["error"],
-        "properties": {
-            "error": {"type": "string"},
-            "status": {"type": "string", "description": "The request status (409 only)."},
-        },
-    },
-    "Problem": {
-        "type": "object",
-        "description": "One thing wrong with an uploaded CSV.",
-        "required": ["row", "column", "code", "message"],
-        "additionalProperties": False,
-        "properties": {
-            "row": {
-                "type": ["integer", "null"],
-                "description": "Row number as a spreadsheet shows it (header = 1); "
-                "null for a problem of the whole file.",
-            },
-            "column": {
-                "type": ["string", "null"],
-                "description": "The column's header text, or null.",
-            },
-            "code": {
-                "type": "string",
-                "description": "Stable machine-readable code, e.g. `missing-column`, "
-                "`bad-url`, `duplicate-serial`, `too-large`.",
-            },
-            "message": {"type": "string"},
-        },
-    },
-    "ValidationError": {
-        "type": "object",
-        "description": "The CSV was rejected; `errors` lists every problem found.",
-        "required": ["error", "errors"],
-        "properties": {
-            "error": {"type": "string"},
-            "errors": {"type": "array", "items": _ref("Problem")},
-        },
-    },
-    "UploadAccepted": {
-        "type": "object",
-        "required": ["request_id"],
-        "properties": {
-            "request_id": {"type": "string", "format": "uuid"},
-            "status_url": {"type": "string", "format": "uri"},
-            "callback_secret": {
-                "type": "string",
-                "pattern": "^whsec_",
-                "description": "Only with a `callback_url`: the Standard Webhooks secret "
-                "that signs this request's events to it. Shown only here.",
-            },
-        },
-    },
-    "Progress": {
-        "type": "object",
-        "required": ["total", "done", "failed"],
-        "additionalProperties": False,
-        "properties": {
-            "total": {"type": "integer", "minimum": 0},
-            "done": {"type": "integer", "minimum": 0},
-            "failed": {"type": "integer", "minimum": 0},
-        },
-    },
-    "Status": {
-        "type": "object",
-        "required": [
-            "request_id", "status", "progress", "created_at", "updated_at", "output_csv_url",
-        ],
-        "additionalProperties": False,
-        "properties": {
-            "request_id": {"type": "string", "format": "uuid"},
-            "status": {
-                "type": "string",
-                "enum": ["PENDING", "PROCESSING", "COMPLETED", "FAILED"],
-                "description": "COMPLETED: every image was tried (some may have failed, see "
-                "progress and the items); FAILED: every image failed.",
-            },
-            "progress": _ref("Progress"),
-            "created_at": {"type": "string", "format": "date-time"},
-            "updated_at": {"type": "string", "format": "date-time"},
-            "output_csv_url": {
-                "type": ["string", "null"],
-                "format": "uri",
-                "description": "Absolute URL of the output CSV; null until the request finished.",
-            },
-        },
-    },
-    "Item": {
-        "type": "object",
-        "description": "One image URL of one row and what became of it.",
-        "required": [
-            "row", "position", "input_url", "output_url", "status", "bytes_in", "bytes_out",
-            "width", "height", "attempts", "error_code", "error_message",
-        ],
-        "additionalProperties": False,
-        "properties": {
-            "row": {
-                "type": "integer",
-                "minimum": 0,
-                "description": "0-based index of the product row among the data rows.",
-            },
-            "position": {
-                "type": "integer",
-                "minimum": 0,
-                "description": "0-based position of the URL inside its cell.",
-            },
-            "input_url": {"type": "string"},
-            "output_url": {
-                "type": ["string", "null"],
-                "description": "Absolute URL of the compressed image; null unless DONE.",
-            },
-            "status": {"type": "string", "enum": ["PENDING", "PROCESSING", "DONE", "FAILED"]},
-            "bytes_in": _NULLABLE_INT,
-            "bytes_out": _NULLABLE_INT,
-            "width": _NULLABLE_INT,
-            "height": _NULLABLE_INT,
-            "attempts": {"type": "integer", "minimum": 0},
-            "error_code": {
-                "type": ["string", "null"],
-                "description": "Stable code, e.g. `http-404`, `timeout`, `blocked-address`, "
-                "`not-an-image`, `too-large`.",
-            },
-            "error_message": _NULLABLE_STR,
-        },
-    },
-    "ItemPage": {
-        "type": "object",
-        "required": ["request_id", "offset", "limit", "total", "items", "next"],
-        "additionalProperties": False,
-        "properties": {
-            "request_id": {"type": "string", "format": "uuid"},
-            "offset": {"type": "integer", "minimum": 0},
-            "limit": {"type": "integer", "minimum": 1, "maximum": 1000},
-            "total": {"type": "integer", "minimum": 0},
-            "items": {"type": "array", "items": _ref("Item")},
-            "next": {
-                "type": ["string", "null"],
-                "format": "uri",
-                "description": "URL of the next page; null on the last one.",
-            },
-        },
-    },
-    "Delivery": {
-        "type": "object",
-        "description": "One attempt to deliver a webhook event to one receiver.",
-        "required": ["event_id", "url", "attempt", "at", "status_code", "error"],
-        "additionalProperties": False,
-        "properties": {
-            "event_id": {"type": "string", "description": "The `webhook-id` header sent."},
-            "url": {"type": "string"},
-            "attempt": {"type": "integer", "minimum": 1},
-            "at": {"type": "string", "format": "date-time"},
-            "status_code": _NULLABLE_INT,
-            "error": _NULLABLE_STR,
-        },
-    },
-    "Deliveries": {
-        "type": "object",
-        "required": ["request_id", "deliveries"],
-        "additionalProperties": False,
-        "properties": {
-            "request_id": {"type": "string", "format": "uuid"},
-            "deliveries": {"type": "array", "items": _ref("Delivery")},
-        },
-    },
-    "WebhookRequest": {
-        "type": "object",
-        "required": ["callback_url"],
-        "properties": {"callback_url": {"type": "string", "format": "uri"}},
-    },
-    "WebhookRegistered": {
-        "type": "object",
-        "required": ["message", "id", "secret"],
-        "properties": {
-            "message": {"type": "string", "enum": ["Webhook registered successfully."]},
-            "id": {"type": "string"},
-            "secret": {
-                "type": "string",
-                "pattern": "^whsec_",
-                "description": "The Standard Webhooks signing secret; shown only here, once.",
-            },
-            "callback_url": {"type": "string", "format": "uri"},
-        },
-    },
-    "Webhook": {
-        "type": "object",
-        "required": ["id", "callback_url", "active", "created_at"],
-        "additionalProperties": False,
-        "properties": {
-            "id": {"type": "string"},
-            "callback_url": {"type": "string"},
-            "active": {
-                "type": "boolean",
-                "description": "False once a receiver answered 410 Gone.",
-            },
-            "created_at": {"type": "string", "format": "date-time"},
-        },
-    },
-    "Webhooks": {
-        "type": "object",
-        "required": ["webhooks"],
-        "additionalProperties": False,
-        "properties": {"webhooks": {"type": "array", "items": _ref("Webhook")}},
-    },
-    "WebhookDeleted": {
-        "type": "object",
-        "required": ["message", "id"],
-        "additionalProperties": False,
-        "properties": {"message": {"type": "string"}, "id": {"type": "string"}},
-    },
-    "Health": {
-        "type": "object",
-        "required": ["status"],
-        "properties": {"status": {"type": "string", "enum": ["ok"]}},
-    },
-    "Readiness": {
-        "type": "object",
-        "required": ["status", "checks"],
-        "additionalProperties": False,
-        "properties": {
-            "status": {"type": "string", "enum": ["ok", "unavailable"]},
-            "checks": {
-                "type": "object",
-                "description": '`"ok"` or `"error: ..."` for `storage` and `queue`.',
-                "additionalProperties": {"type": "string"},
-            },
-        },
-    },
-}
+_SCHEMAS: Final[dict[str, Any]] = {shape.__name__: shape.json_schema() for shape in SHAPES}
+"""The components: derived from the bodies the handlers send (`csvimg_server._bodies`)."""
 
 _NOT_FOUND: Final = _error("Unknown or malformed request id, or (with API keys) a request "
                            "another key created.")
@@ -348,14 +118,14 @@ _PATHS: Final[dict[str, Any]] = {
                 },
             },
             "responses": {
-                "200": _json(_ref("UploadAccepted"), "Accepted: the request id."),
+                "200": _json(ref(body.UploadAccepted), "Accepted: the request id."),
                 "400": {
                     "description": "Invalid CSV (with the list of problems), missing `file` "
                     "field, a body that is not multipart/form-data, a refused `callback_url` "
                     "or a bad option.",
                     "content": {
                         "application/json": {
-                            "schema": {"anyOf": [_ref("ValidationError"), _ref("Error")]}
+                            "schema": {"anyOf": [ref(body.ValidationError), ref(body.Error)]}
                         }
                     },
                 },
@@ -371,7 +141,7 @@ _PATHS: Final[dict[str, Any]] = {
             "summary": "Progress of a request",
             "parameters": [_REQUEST_ID],
             "responses": {
-                "200": _json(_ref("Status"), "The request's status and counters."),
+                "200": _json(ref(body.Status), "The request's status and counters."),
                 "404": _NOT_FOUND,
                 "405": _NOT_ALLOWED,
                 "500": _INTERNAL,
@@ -399,11 +169,16 @@ _PATHS: Final[dict[str, Any]] = {
                     "name": "limit",
                     "in": "query",
                     "required": False,
-                    "schema": {"type": "integer", "minimum": 1, "maximum": 1000, "default": 100},
+                    "schema": {
+                        "type": "integer",
+                        "minimum": 1,
+                        "maximum": MAX_PAGE,
+                        "default": DEFAULT_PAGE,
+                    },
                 },
             ],
             "responses": {
-                "200": _json(_ref("ItemPage"), "One page of items."),
+                "200": _json(ref(body.ItemPage), "One page of items."),
                 "400": _error("offset or limit is not a whole number in range."),
                 "404": _NOT_FOUND,
                 "405": _NOT_ALLOWED,
@@ -441,7 +216,7 @@ _PATHS: Final[dict[str, Any]] = {
             "summary": "Webhook delivery attempts for a request, oldest first",
             "parameters": [_REQUEST_ID],
             "responses": {
-                "200": _json(_ref("Deliveries"), "Every attempt made so far."),
+                "200": _json(ref(body.Deliveries), "Every attempt made so far."),
                 "404": _NOT_FOUND,
                 "405": _NOT_ALLOWED,
                 "500": _INTERNAL,
@@ -500,10 +275,10 @@ _PATHS: Final[dict[str, Any]] = {
             "`webhook-timestamp`, `webhook-signature`) with the returned secret.",
             "requestBody": {
                 "required": True,
-                "content": {"application/json": {"schema": _ref("WebhookRequest")}},
+                "content": {"application/json": {"schema": ref(body.WebhookRequest)}},
             },
             "responses": {
-                "200": _json(_ref("WebhookRegistered"), "Registered; keep the secret."),
+                "200": _json(ref(body.WebhookRegistered), "Registered; keep the secret."),
                 "400": _error("Bad JSON, a missing or non-http(s) URL, or an address the "
                               "SSRF guard refuses."),
                 "405": _NOT_ALLOWED,
@@ -515,7 +290,7 @@ _PATHS: Final[dict[str, Any]] = {
             "operationId": "list_webhooks",
             "summary": "List webhook registrations (without their secrets)",
             "responses": {
-                "200": _json(_ref("Webhooks"), "Every registration."),
+                "200": _json(ref(body.Webhooks), "Every registration."),
                 "405": _NOT_ALLOWED,
                 "500": _INTERNAL,
             },
@@ -534,7 +309,7 @@ _PATHS: Final[dict[str, Any]] = {
                 }
             ],
             "responses": {
-                "200": _json(_ref("WebhookDeleted"), "Deleted."),
+                "200": _json(ref(body.WebhookDeleted), "Deleted."),
                 "404": _error("No such registration."),
                 "405": _NOT_ALLOWED,
                 "500": _INTERNAL,
@@ -559,7 +334,7 @@ _PATHS: Final[dict[str, Any]] = {
             "operationId": "healthz",
             "summary": "Liveness: the process answers",
             "security": _PUBLIC,
-            "responses": {"200": _json(_ref("Health"), "Alive.")},
+            "responses": {"200": _json(ref(body.Health), "Alive.")},
         }
     },
     "/readyz": {
@@ -568,8 +343,8 @@ _PATHS: Final[dict[str, Any]] = {
             "summary": "Readiness: storage and queue answer",
             "security": _PUBLIC,
             "responses": {
-                "200": _json(_ref("Readiness"), "Ready."),
-                "503": _json(_ref("Readiness"), "Storage or queue unreachable."),
+                "200": _json(ref(body.Readiness), "Ready."),
+                "503": _json(ref(body.Readiness), "Storage or queue unreachable."),
             },
         }
     },
