@@ -14,9 +14,11 @@ events, all or nothing) and returns them::
         return changes
 
 `run` does exactly this for a connector that offers ``read`` and
-``write`` callables. Redis, where atomicity needs a script, runs a Lua
-form of the hot operations instead; the Hypothesis state machine in
-`csvimg.testing` checks it against these functions as its model.
+``write`` callables; the memory backend is such a connector. (The SQLite
+backend and the Postgres example call `lease_item`, `settle_item` and
+`finish_outcome` from here, and Redis keeps a Lua form of the rules,
+checked by the contract suite's state machine; moving them onto `run`
+is the next step of the redesign.)
 
 The operations:
 
