@@ -21,7 +21,7 @@ from __future__ import annotations
 import copy
 from typing import Any, Final
 
-from csvimg_server import _bodies as body
+import csvimg_server._bodies as body
 from csvimg_server._bodies import DEFAULT_PAGE, MAX_PAGE, SHAPES
 from csvimg_server._shape import ref
 

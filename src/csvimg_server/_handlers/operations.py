@@ -7,7 +7,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from csvimg_server import _bodies as body
+import csvimg_server._bodies as body
 from csvimg_server._handlers.resource import Resource
 from csvimg_server.metrics import CONTENT_TYPE
 from csvimg_server.openapi import openapi_document

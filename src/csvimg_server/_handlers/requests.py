@@ -13,10 +13,10 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
+import csvimg_server._bodies as body
 from csvimg._errors import NotFinishedError
 from csvimg.jobs import Item
 from csvimg.jobs import Request as Job
-from csvimg_server import _bodies as body
 from csvimg_server._errors import error
 from csvimg_server._handlers.resource import Resource
 from csvimg_server._options import int_param

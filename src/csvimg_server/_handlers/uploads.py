@@ -9,10 +9,10 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+import csvimg_server._bodies as body
 from csvimg._errors import ManifestError
 from csvimg.manifest import Problem as ManifestProblem
 from csvimg.webhooks import request_secret
-from csvimg_server import _bodies as body
 from csvimg_server._errors import error
 from csvimg_server._handlers.resource import Resource
 from csvimg_server._options import UPLOAD_FIELDS, checked_callback, process_options

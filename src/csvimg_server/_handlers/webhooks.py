@@ -13,9 +13,9 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+import csvimg_server._bodies as body
 from csvimg.jobs import Webhook
 from csvimg.webhooks import new_secret
-from csvimg_server import _bodies as body
 from csvimg_server._errors import error
 from csvimg_server._handlers.resource import Resource
 from csvimg_server._options import checked_callback, webhook_id
