@@ -21,6 +21,8 @@ from csvimg.testing import (
 
 
 class TestMemoryStorage(StorageContract):
+    keeps_data = False  # memory:// keeps nothing once the object is gone
+
     @pytest.fixture
     async def storage(self) -> AsyncIterator[Storage]:
         backend = MemoryStorage()
@@ -54,6 +56,12 @@ class TestMemoryEngine(EngineSmokeTests):
 
 
 class TestSqliteStorage(StorageContract):
+    async def reopened(self, storage: Storage) -> Storage:
+        assert isinstance(storage, SqliteStorage)
+        other = SqliteStorage(storage.path)
+        await other.open()
+        return other
+
     @pytest.fixture
     async def storage(self, tmp_path: Path) -> AsyncIterator[Storage]:
         backend = SqliteStorage(tmp_path / "csvimg.db")

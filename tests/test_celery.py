@@ -51,6 +51,7 @@ from csvimg.fetch import FetchPolicy, parse_allow
 from csvimg.jobs import Item, ItemStatus, Request, RequestStatus, now
 from csvimg.plugins import Plugins
 from csvimg.settings import Settings
+from csvimg.testing import stale_items, start_item
 from images import photo_jpeg
 from servers import ImageHost, closed_port
 from services import redis_url, require_service
@@ -281,7 +282,7 @@ async def test_task_retries_while_another_worker_holds_the_item(
     task = make_app(task_settings).tasks[TASK_NAME]
     async with submitted(task_settings, host.url("/a.jpg")) as (engine, req):
         item_id = f"{req.id}.0"
-        assert await engine.storage.start_item(item_id, lease_seconds=5) is not None
+        assert await start_item(engine.storage, item_id, lease_seconds=5) is not None
         try:
             # Called directly, Celery raises Retry instead of publishing it.
             with pytest.raises(Retry):
@@ -362,8 +363,8 @@ async def test_claim_hands_out_nothing() -> None:
     assert await queue.claim(consumer="w", max_items=5, lease_seconds=30, wait=0.2) == []
     assert anyio.current_time() - start >= 0.15
     claim = Claim(item_id="r.0", token="t")
-    for call in (queue.ack(claim), queue.release(claim), queue.extend(claim, lease_seconds=1),
-                 queue.ack_many([claim]), queue.extend_many([claim], lease_seconds=1)):
+    for call in (queue.ack_many([claim]), queue.release_many([claim]),
+                 queue.extend_many([claim], lease_seconds=1)):
         with pytest.raises(ConfigError, match="no claims"):
             await call
     await queue.ack_many([])  # nothing to do: no error
@@ -662,7 +663,7 @@ async def _finish_after_kill(
                for i in items if i.id in lost), worker.log()
     assert len(lost) <= 2 * 4, lost  # at most what the dead worker had prefetched
     at = now()
-    stale = await engine.storage.stale_items(now=at, pending_before=at, limit=request.total)
+    stale = await stale_items(engine.storage, now=at, pending_before=at, limit=request.total)
     assert set(stale) == lost
     await engine.queue.enqueue(stale)
     return await _wait(engine, request.id, worker, timeout=30)

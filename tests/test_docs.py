@@ -323,7 +323,8 @@ def test_mkdocs_build_strict(tmp_path: Path) -> None:
         assert f"{method} {path}" in http, f"the HTTP API page lacks {method} {path}"
     assert (site / "openapi.json").is_file()
     guide = (site / "plugins" / "index.html").read_text(encoding="utf-8")
-    # The snippets from examples/csvimg-postgres were included, not left empty.
-    assert "finish_outcome" in guide
+    # The snippets from examples/ were included, not left empty.
+    assert "_pool" in guide  # csvimg-postgres's apply
+    assert "ShelfStorage" in guide  # the walk-through
     assert "registry.add_storage" in guide
     assert not (site / "hooks.py").exists()

@@ -11,8 +11,17 @@ import pytest
 from PIL import Image
 
 import csvimg
-from csvimg import Engine, ItemStatus, ManifestError, NotFinishedError, RequestStatus, Settings
+from csvimg import (
+    ConfigError,
+    Engine,
+    ItemStatus,
+    ManifestError,
+    NotFinishedError,
+    RequestStatus,
+    Settings,
+)
 from csvimg.fetch import FetchPolicy, parse_allow
+from csvimg.testing import claim_events, start_item
 from images import photo, photo_jpeg
 from servers import ImageHost
 
@@ -123,7 +132,7 @@ async def test_dead_worker_item_is_picked_up_again(host: ImageHost) -> None:
         request = await engine.submit(_csv([("1", "A", host.url("/a.jpg"))]))
         # the "dead" worker: claims and starts the item, never finishes it
         [claim] = await engine.queue.claim(consumer="dead", max_items=1, lease_seconds=0.5, wait=1)
-        started = await engine.storage.start_item(claim.item_id, lease_seconds=0.5)
+        started = await start_item(engine.storage, claim.item_id, lease_seconds=0.5)
         assert started is not None and started.attempts == 1
         finished = await engine.run_until_finished(request.id, timeout=30)
         assert (finished.done, finished.failed) == (1, 0)
@@ -149,7 +158,7 @@ async def test_all_failed_request_is_failed(host: ImageHost) -> None:
         request = await engine.submit(_csv([("1", "A", host.url("/nope.jpg"))]))
         finished = await engine.run_until_finished(request.id, timeout=30)
         assert finished.status is RequestStatus.FAILED
-        events = await engine.storage.claim_events(now=1e12, limit=10, lease_seconds=10)
+        events = await claim_events(engine.storage, now=1e12, limit=10, lease_seconds=10)
         assert [e.type for e in events] == ["request.failed"]
 
 
@@ -159,7 +168,7 @@ async def test_poison_item_gives_up_after_max_attempts(host: ImageHost) -> None:
         request = await engine.submit(_csv([("1", "A", host.url("/a.jpg"))]))
         [item] = await engine.items(request.id)
         for _ in range(2):  # two workers die holding it
-            assert await engine.storage.start_item(item.id, lease_seconds=0.05) is not None
+            assert await start_item(engine.storage, item.id, lease_seconds=0.05) is not None
             await anyio.sleep(0.1)
         assert await engine.process_item(item.id)
         [failed] = await engine.items(request.id)
@@ -188,7 +197,7 @@ async def test_sweep_requeues_items_lost_between_store_and_enqueue(host: ImageHo
         request = await engine.submit(manifest)
         # lose the queue message, as a crash right after storing would
         [claim] = await engine.queue.claim(consumer="x", max_items=1, lease_seconds=60, wait=1)
-        await engine.queue.ack(claim)
+        await engine.queue.ack_many([claim])
         assert await engine.sweep() == 0  # not stale yet
         await anyio.sleep(0.3)
         assert await engine.sweep() == 1
@@ -197,40 +206,32 @@ async def test_sweep_requeues_items_lost_between_store_and_enqueue(host: ImageHo
         assert (finished.done, finished.failed) == (1, 0)
 
 
-_BATCH = {"start_items", "finish_items", "extend_leases", "ack_many", "extend_many"}
-
-
 class _Counting:
-    """Wraps a backend, counts calls by name; *hide* makes some methods absent."""
+    """Wraps a backend, counts calls by name (`apply` by the operation's type)."""
 
-    def __init__(self, inner: object, hide: frozenset[str] = frozenset()) -> None:
+    def __init__(self, inner: object) -> None:
         self._inner = inner
-        self._hide = hide
         self.calls: dict[str, int] = {}
 
     def __getattr__(self, name: str) -> object:
-        if name in self._hide:
-            raise AttributeError(name)
         attr = getattr(self._inner, name)
         if not callable(attr) or name.startswith("_"):
             return attr
 
         def call(*args: object, **kwargs: object) -> object:
-            self.calls[name] = self.calls.get(name, 0) + 1
+            key = type(args[0]).__name__ if name == "apply" else name
+            self.calls[key] = self.calls.get(key, 0) + 1
             return attr(*args, **kwargs)
 
         return call
 
 
-@pytest.mark.parametrize("batches", [True, False], ids=["batch-methods", "old-backends"])
-async def test_worker_uses_batch_methods_or_falls_back(host: ImageHost, batches: bool) -> None:
-    """The worker batches; a backend without the batch methods is called item by item."""
+async def test_worker_uses_batch_operations(host: ImageHost) -> None:
+    """The worker starts, finishes, extends and acknowledges in batches."""
     from csvimg.backends.memory import MemoryQueue, MemoryStorage
 
-    hide = frozenset() if batches else frozenset(_BATCH)
-    storage = _Counting(MemoryStorage(), hide)
-    queue = _Counting(MemoryQueue(), hide)
-    assert hasattr(storage, "start_items") is batches
+    storage = _Counting(MemoryStorage())
+    queue = _Counting(MemoryQueue())
     settings = _settings(host, lease_seconds=1.5)  # the lease keeper runs every 0.5 s
     async with Engine(settings, storage=storage, queue=queue) as engine:  # type: ignore[arg-type]
         host.add("/slow.jpg", photo_jpeg(320, 240), content_type="image/jpeg", delay=0.8)
@@ -243,18 +244,21 @@ async def test_worker_uses_batch_methods_or_falls_back(host: ImageHost, batches:
         assert (finished.done, finished.failed) == (3, 1)
         await anyio.sleep(0.3)
         assert await engine.queue.depth() == 0  # every copy acked
-        events = await engine.storage.claim_events(now=1e12, limit=10, lease_seconds=10)
+        events = await claim_events(engine.storage, now=1e12, limit=10, lease_seconds=10)
         assert [e.type for e in events] == ["request.completed"]
     used = {**storage.calls, **queue.calls}
-    if batches:
-        assert used["start_items"] >= 1 and used["finish_items"] >= 1 and used["ack_many"] >= 1
-        assert used.get("extend_leases", 0) >= 1 and used.get("extend_many", 0) >= 1
-        singles = {"start_item", "finish_item", "extend_lease", "ack", "extend"}
-        assert not singles & set(used), used
-    else:
-        assert not _BATCH & set(used), used
-        assert used["start_item"] >= 5 and used["finish_item"] >= 4 and used["ack"] >= 5
-        assert used.get("extend_lease", 0) >= 1 and used.get("extend", 0) >= 1
+    assert used["StartItems"] >= 1 and used["FinishItems"] >= 1 and used["ack_many"] >= 1
+    assert used.get("ExtendLeases", 0) >= 1 and used.get("extend_many", 0) >= 1
+
+
+def test_engine_refuses_a_backend_missing_contract_methods() -> None:
+    """A storage written for the old contract is refused at once, naming what it lacks."""
+
+    class OldStorage:
+        async def start_item(self, item_id: str, *, lease_seconds: float) -> None: ...
+
+    with pytest.raises(ConfigError, match=r"storage backend OldStorage lacks .*apply"):
+        Engine(Settings(), storage=OldStorage())  # type: ignore[arg-type]
 
 
 async def test_stop_finishes_in_flight_items_and_records_them(host: ImageHost) -> None:

@@ -39,13 +39,16 @@ from csvimg.backends import Queue, Storage  # noqa: E402
 from csvimg.backends.redis import RedisQueue, RedisStorage  # noqa: E402
 from csvimg.jobs import ItemResult, ItemStatus, RequestStatus, Row, now  # noqa: E402
 from csvimg.settings import Settings  # noqa: E402
-from csvimg.testing import (  # noqa: E402
+from csvimg.testing import (  # noqa: E402  # noqa: E402
     FAR_FUTURE,
     EngineSmokeTests,
     QueueContract,
     StorageContract,
     claimable_events,
+    finish_item,
     sample_request,
+    stale_items,
+    start_item,
 )
 from services import missing, redis_url, require_program  # noqa: E402
 
@@ -109,8 +112,16 @@ async def redis_storage(storage_url: str) -> AsyncIterator[RedisStorage]:
 
 
 class TestRedisStorageContract(StorageContract):
+    url = ""
+
+    async def reopened(self, storage: Storage) -> Storage:
+        other = RedisStorage(self.url)
+        await other.open()
+        return other
+
     @pytest.fixture
     async def storage(self, storage_url: str) -> AsyncIterator[Storage]:
+        self.url = storage_url
         backend = RedisStorage(storage_url)
         await backend.open()
         yield backend
@@ -200,10 +211,10 @@ def _finish_everything(url: str, item_ids: Sequence[str], barrier: Barrier,
             await anyio.to_thread.run_sync(barrier.wait)
             for iid in order:
                 seq = int(iid.rsplit(".", 1)[1])
-                await storage.start_item(iid, lease_seconds=30)
+                await start_item(storage, iid, lease_seconds=30)
                 result = (ItemResult.failure("timeout", "slow") if seq % 5 == 0
                           else ItemResult(output_key=f"out/{seq}.jpg"))
-                if await storage.finish_item(iid, result) is not None:
+                if await finish_item(storage, iid, result) is not None:
                     wins += 1
         finally:
             await storage.close()
@@ -295,7 +306,7 @@ async def test_items_of_a_dead_consumer_are_reclaimed_after_the_lease(storage_ur
         assert sorted(c.item_id for c in again) == sorted(ids)
         assert all(c.deliveries == 2 for c in again)
         for claim in again:
-            await queue.ack(claim)
+            await queue.ack_many([claim])
         assert await queue.depth() == 0
     finally:
         await queue.close()
@@ -322,9 +333,9 @@ async def test_prefixes_do_not_see_each_other(server_url: str) -> None:
         assert await b.get_item(items[0].id) is None
         assert await b.list_requests() == []
         assert await b.list_items(request.id) == []
-        assert await b.finish_item(items[0].id, ItemResult(output_key="x")) is None
-        assert await b.stale_items(now=FAR_FUTURE, pending_before=FAR_FUTURE, limit=10) == []
-        assert await a.finish_item(items[0].id, ItemResult(output_key="x")) is not None
+        assert await finish_item(b, items[0].id, ItemResult(output_key="x")) is None
+        assert await stale_items(b, now=FAR_FUTURE, pending_before=FAR_FUTURE, limit=10) == []
+        assert await finish_item(a, items[0].id, ItemResult(output_key="x")) is not None
         assert await claimable_events(b) == []
         assert len(await claimable_events(a)) == 1
         # The same request id may exist in both, independently.
@@ -404,17 +415,17 @@ async def test_half_written_request_is_invisible_then_swept(redis_storage: Redis
     assert await storage.get_item(items[0].id) is None
     assert await storage.list_items(request.id) == []
     assert await storage.list_rows(request.id) == []
-    assert await storage.start_item(items[0].id, lease_seconds=30) is None
-    assert await storage.finish_item(items[0].id, ItemResult(output_key="x")) is None
+    assert await start_item(storage, items[0].id, lease_seconds=30) is None
+    assert await finish_item(storage, items[0].id, ItemResult(output_key="x")) is None
     # Being written (marker alive): neither handed out nor removed.
-    assert await storage.stale_items(now=now(), pending_before=FAR_FUTURE, limit=10) == []
+    assert await stale_items(storage, now=now(), pending_before=FAR_FUTURE, limit=10) == []
     assert await storage._r.exists(storage._k_item(items[0].id))
     # A second writer of the same id is refused while the first holds it.
     with pytest.raises(StorageError, match="exists already"):
         await storage.create_request(request, rows)
 
     await storage._r.delete(marker)  # what expiry does to an abandoned write
-    assert await storage.stale_items(now=now(), pending_before=FAR_FUTURE, limit=10) == []
+    assert await stale_items(storage, now=now(), pending_before=FAR_FUTURE, limit=10) == []
     assert await prefix_keys_of(storage) == []
 
 
@@ -548,7 +559,7 @@ async def test_backends_survive_a_redis_restart(own_redis: OwnRedis) -> None:
         request, rows, items = sample_request(rows=2, urls_per_row=2)
         await storage.create_request(request, rows)
         await queue.enqueue([i.id for i in items])
-        assert await storage.start_item(items[0].id, lease_seconds=30) is not None
+        assert await start_item(storage, items[0].id, lease_seconds=30) is not None
 
         await anyio.to_thread.run_sync(own_redis.kill)
         with pytest.raises(StorageError, match="unreachable"):
@@ -564,9 +575,9 @@ async def test_backends_survive_a_redis_restart(own_redis: OwnRedis) -> None:
         assert sorted(c.item_id for c in claims) == sorted(i.id for i in items)
         finished = None
         for claim in claims:
-            await storage.start_item(claim.item_id, lease_seconds=30)
-            finished = await storage.finish_item(claim.item_id, ItemResult(output_key="o"))
-            await queue.ack(claim)
+            await start_item(storage, claim.item_id, lease_seconds=30)
+            finished = await finish_item(storage, claim.item_id, ItemResult(output_key="o"))
+            await queue.ack_many([claim])
         assert finished is not None
         assert finished.status is RequestStatus.COMPLETED
         assert await queue.depth() == 0

@@ -37,7 +37,15 @@ from csvimg.jobs import (
 )
 from csvimg.plugins import Plugins
 from csvimg.settings import Settings
-from csvimg.testing import claimable_events, sample_request
+from csvimg.testing import (
+    claimable_events,
+    finish_item,
+    finish_items,
+    sample_request,
+    stale_items,
+    start_item,
+    start_items,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -119,9 +127,9 @@ async def test_reopen_resumes_everything(db: Path) -> None:
     await storage.create_request(request, rows)
     await queue.enqueue([i.id for i in items])
     [claim] = await queue.claim(consumer="w1", max_items=1, lease_seconds=60, wait=0)
-    leased = await storage.start_item(claim.item_id, lease_seconds=60)
+    leased = await start_item(storage, claim.item_id, lease_seconds=60)
     assert leased is not None
-    await storage.finish_item(items[3].id, _result(3))
+    await finish_item(storage, items[3].id, _result(3))
     await storage.close()
     await queue.close()
 
@@ -130,7 +138,7 @@ async def test_reopen_resumes_everything(db: Path) -> None:
     await queue.open()
     try:
         assert await storage.get_item(leased.id) == leased
-        assert await storage.start_item(leased.id, lease_seconds=60) is None
+        assert await start_item(storage, leased.id, lease_seconds=60) is None
         stored = await storage.get_request(request.id)
         assert stored is not None
         assert (stored.status, stored.failed + stored.done) == (RequestStatus.PROCESSING, 1)
@@ -138,7 +146,7 @@ async def test_reopen_resumes_everything(db: Path) -> None:
         others = await queue.claim(consumer="w2", max_items=10, lease_seconds=60, wait=0)
         assert sorted(c.item_id for c in others) == sorted(i.id for i in items[1:])
         for seq in range(3):
-            await storage.finish_item(items[seq].id, _result(seq))
+            await finish_item(storage, items[seq].id, _result(seq))
         assert len(await claimable_events(storage, request.id)) == 1
     finally:
         await storage.close()
@@ -243,7 +251,7 @@ async def test_old_item_indexes_are_replaced(db: Path) -> None:
     storage = SqliteStorage(db)
     await storage.open()
     try:
-        assert await storage.stale_items(now=now(), pending_before=2.0, limit=10) == ["old.0"]
+        assert await stale_items(storage, now=now(), pending_before=2.0, limit=10) == ["old.0"]
     finally:
         await storage.close()
     with sqlite3.connect(db) as conn:
@@ -303,8 +311,8 @@ def _finish_everything(path: str, request_id: str, total: int, seed: int) -> int
         random.Random(seed).shuffle(order)
         try:
             for seq in order:
-                await storage.start_item(item_id(request_id, seq), lease_seconds=60)
-                if await storage.finish_item(item_id(request_id, seq), _result(seq)) is not None:
+                await start_item(storage, item_id(request_id, seq), lease_seconds=60)
+                if await finish_item(storage, item_id(request_id, seq), _result(seq)) is not None:
                     wins += 1
         finally:
             await storage.close()
@@ -426,7 +434,7 @@ async def test_writes_wait_for_a_lock(storage: SqliteStorage, db: Path) -> None:
     timer.start()
     start = time.perf_counter()
     try:
-        finished = await storage.finish_item(items[0].id, _result(1))
+        finished = await finish_item(storage, items[0].id, _result(1))
     finally:
         timer.join()
         holder.close()
@@ -443,14 +451,14 @@ async def test_lock_held_too_long_is_a_storage_error(db: Path) -> None:
     try:
         start = time.perf_counter()
         with pytest.raises(StorageError, match="locked"):
-            await storage.start_item(items[0].id, lease_seconds=30)
+            await start_item(storage, items[0].id, lease_seconds=30)
         assert time.perf_counter() - start < 5
         # Reads go on under WAL while a writer holds the lock.
         assert await storage.get_request(request.id) == request
     finally:
         holder.rollback()
         holder.close()
-    assert await storage.start_item(items[0].id, lease_seconds=30) is not None
+    assert await start_item(storage, items[0].id, lease_seconds=30) is not None
     await storage.close()
 
 
@@ -514,7 +522,7 @@ async def test_short_writes_run_inline_and_fall_back_when_locked(tmp_path: Path)
         await storage.create_request(request, rows)
         await queue.enqueue([i.id for i in items])
         claims = await queue.claim(consumer="w", max_items=3, lease_seconds=30, wait=0)
-        started = await storage.start_items([c.item_id for c in claims], lease_seconds=30)
+        started = await start_items(storage, [c.item_id for c in claims], lease_seconds=30)
         assert len(started) == 3
         assert storage._db._inline_writer is not None  # the inline path was taken
         assert queue._db._inline_writer is not None
@@ -534,7 +542,7 @@ async def test_short_writes_run_inline_and_fall_back_when_locked(tmp_path: Path)
         try:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(tick)
-                finished = await storage.finish_items(
+                finished = await finish_items(storage,
                     [(i.id, _result(n)) for n, i in enumerate(started)]
                 )
                 tg.cancel_scope.cancel()
@@ -568,7 +576,7 @@ async def test_inline_writes_checkpoint_the_wal_in_a_thread(tmp_path: Path) -> N
         request, rows, items = sample_request(rows=50, urls_per_row=5)
         await storage.create_request(request, rows)
         for item in items:  # 250 short writes
-            await storage.start_item(item.id, lease_seconds=30)
+            await start_item(storage, item.id, lease_seconds=30)
         assert db._inline_writer is not None
         assert db._inline_writer.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == 0
         for _ in range(200):

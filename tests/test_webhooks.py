@@ -13,6 +13,7 @@ from standardwebhooks.webhooks import Webhook as StandardWebhook
 from csvimg import Engine, Settings
 from csvimg.fetch import FetchPolicy, parse_allow
 from csvimg.jobs import Webhook, now
+from csvimg.testing import claim_events
 from csvimg.webhooks import new_secret, request_secret, sign
 from images import photo_jpeg
 from servers import ImageHost, RecordedRequest, Reply
@@ -175,5 +176,5 @@ async def test_receiver_down_then_up(host: ImageHost) -> None:
         await _run_until(engine, two_failures)
         attempts = await engine.storage.list_deliveries(request.id)
         assert all(a.error and a.error.startswith("connect-error") for a in attempts)
-        events = await engine.storage.claim_events(now=now() + 3600, limit=5, lease_seconds=1)
+        events = await claim_events(engine.storage, now=now() + 3600, limit=5, lease_seconds=1)
         assert [e.request_id for e in events] == [request.id]  # still in the outbox

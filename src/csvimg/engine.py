@@ -37,6 +37,7 @@ from typing import IO, Any, Self
 import anyio
 import anyio.abc
 
+from csvimg import ledger
 from csvimg._errors import (
     CsvimgError,
     ItemError,
@@ -44,10 +45,11 @@ from csvimg._errors import (
     NotFoundError,
     StorageError,
 )
-from csvimg.backends import BlobStore, Claim, Notifier, Queue, Storage
+from csvimg.backends import BlobStore, Claim, Notifier, Queue, Storage, check_backend
 from csvimg.codec import Compressed, compress, sniff
 from csvimg.fetch import Fetcher
 from csvimg.jobs import (
+    Event,
     Item,
     ItemIds,
     ItemResult,
@@ -56,7 +58,6 @@ from csvimg.jobs import (
     new_id,
     now,
 )
-from csvimg.ledger import too_many_attempts
 from csvimg.manifest import Manifest, parse_manifest
 from csvimg.plugins import Plugins
 from csvimg.settings import Settings
@@ -110,6 +111,9 @@ class Engine:
         self.storage: Storage = storage or self.plugins.storage(s.storage_url, s)
         self.queue: Queue = queue or self.plugins.queue(s.effective_queue_url, s)
         self.blobs: BlobStore = blobs or self.plugins.blobs(s.blobs_url, s)
+        check_backend("storage", self.storage, Storage)
+        check_backend("queue", self.queue, Queue)
+        check_backend("blob store", self.blobs, BlobStore)
         self._notifier = notifier
         self.consumer = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self._fetcher: Fetcher | None = None
@@ -389,22 +393,43 @@ class Engine:
         Safe to call twice for the same item (at-least-once queues).
         `run_worker` does the same for many items at once, in batches.
         """
-        s = self.settings
-        item = await self.storage.start_item(item_id, lease_seconds=s.lease_seconds)
-        if item is None:
-            return True  # finished already, or another live worker holds it
+        started = await self._start_items([item_id])
+        if not started:
+            return True  # finished already, given up, or another live worker holds it
+        item = started[0]
         request = await self.storage.get_request(item.request_id)
         if request is None:  # pragma: no cover - storage keeps them together
             return True
-        if item.attempts > s.max_attempts:
-            result = too_many_attempts(item.attempts)
-        else:
-            result = await self._run_with_lease(item, request)
-        finished = await self.storage.finish_item(item.id, result)
-        self._report_item(item, result)
-        if finished is not None:
-            self._report_finished(finished)
+        result = await self._run_with_lease(item, request)
+        await self._finish_items([(item, result)])
         return True
+
+    async def _start_items(self, item_ids: Sequence[str]) -> list[Item]:
+        """Lease *item_ids* (the ledger's `StartItems`); return those that started.
+
+        An item past ``max_attempts`` is failed by the same write instead;
+        it is reported here, and so is a request that write finished.
+        """
+        s = self.settings
+        op = ledger.StartItems(
+            tuple(item_ids), at=now(), lease_seconds=s.lease_seconds, max_attempts=s.max_attempts
+        )
+        changes = await self.storage.apply(op)
+        for item in changes.items:
+            if item.status.finished:
+                self._report_item(item, item.result)
+        for request in changes.finished:
+            self._report_finished(request)
+        return list(changes.started)
+
+    async def _finish_items(self, results: Sequence[tuple[Item, ItemResult]]) -> None:
+        """Record results (the ledger's `FinishItems`); report items and finished requests."""
+        op = ledger.FinishItems([(item.id, result) for item, result in results], at=now())
+        changes = await self.storage.apply(op)
+        for item, result in results:
+            self._report_item(item, result)
+        for request in changes.finished:
+            self._report_finished(request)
 
     def _report_item(self, item: Item, result: ItemResult) -> None:
         """Log a finished item and call the `on_item` callbacks."""
@@ -462,7 +487,9 @@ class Engine:
             async def keep_lease() -> None:
                 while True:
                     await anyio.sleep(max(0.5, s.lease_seconds / 3))
-                    await self.storage.extend_lease(item.id, lease_seconds=s.lease_seconds)
+                    await self.storage.apply(
+                        ledger.ExtendLeases((item.id,), at=now(), lease_seconds=s.lease_seconds)
+                    )
 
             tg.start_soon(keep_lease)
             try:
@@ -479,9 +506,8 @@ class Engine:
         """
         s = self.settings
         at = now()
-        ids = await self.storage.stale_items(
-            now=at, pending_before=at - s.stale_after, limit=10_000
-        )
+        op = ledger.Sweep(now=at, pending_before=at - s.stale_after, limit=10_000)
+        ids = (await self.storage.apply(op)).ids
         if ids:
             await self.queue.enqueue(ids)
             log.info("re-enqueued %d stale items", len(ids))
@@ -542,9 +568,10 @@ class Engine:
         s = self.settings
         while True:
             try:
-                events = await self.storage.claim_events(
+                op = ledger.LeaseEvents(
                     now=now(), limit=20, lease_seconds=max(60.0, 4 * s.webhook_timeout)
                 )
+                events: Sequence[Event] = (await self.storage.apply(op)).events
             except StorageError as exc:
                 log.error("outbox unavailable: %s", exc)
                 events = []
@@ -552,7 +579,7 @@ class Engine:
                 for event in events:
                     request = await self.storage.get_request(event.request_id)
                     if request is None:  # pragma: no cover - storage keeps them together
-                        await self.storage.reschedule_event(event.id, next_attempt_at=None)
+                        await self.storage.apply(ledger.RescheduleEvent(event.id, None))
                         continue
                     try:
                         next_at = await notifier.deliver(event, request)
@@ -561,7 +588,7 @@ class Engine:
                                       extra={"event_id": event.id,
                                              "request_id": event.request_id})
                         next_at = now() + s.webhook_schedule[0] if s.webhook_schedule else None
-                    await self.storage.reschedule_event(event.id, next_attempt_at=next_at)
+                    await self.storage.apply(ledger.RescheduleEvent(event.id, next_at))
             except StorageError as exc:
                 # The claimed events come back when their lease ends.
                 log.error("outbox: storage failed, retrying: %s", exc)
@@ -618,58 +645,6 @@ _REQUEST_CACHE = 256
 """Requests a worker keeps (for their options) before it forgets them all."""
 
 
-# Batch calls, item by item when a backend predates the batch methods.
-
-
-async def _start_items(
-    storage: Storage, item_ids: Sequence[str], lease_seconds: float
-) -> list[Item]:
-    batch = getattr(storage, "start_items", None)
-    if batch is not None:
-        started: list[Item] = await batch(item_ids, lease_seconds=lease_seconds)
-        return started
-    items = [await storage.start_item(i, lease_seconds=lease_seconds) for i in item_ids]
-    return [item for item in items if item is not None]
-
-
-async def _finish_items(
-    storage: Storage, results: Sequence[tuple[str, ItemResult]]
-) -> list[Request]:
-    batch = getattr(storage, "finish_items", None)
-    if batch is not None:
-        finished: list[Request] = await batch(results)
-        return finished
-    requests = [await storage.finish_item(i, result) for i, result in results]
-    return [request for request in requests if request is not None]
-
-
-async def _extend_leases(storage: Storage, item_ids: Sequence[str], lease_seconds: float) -> None:
-    batch = getattr(storage, "extend_leases", None)
-    if batch is not None:
-        await batch(item_ids, lease_seconds=lease_seconds)
-        return
-    for one in item_ids:
-        await storage.extend_lease(one, lease_seconds=lease_seconds)
-
-
-async def _ack_many(queue: Queue, claims: Sequence[Claim]) -> None:
-    batch = getattr(queue, "ack_many", None)
-    if batch is not None:
-        await batch(claims)
-        return
-    for claim in claims:
-        await queue.ack(claim)
-
-
-async def _extend_many(queue: Queue, claims: Sequence[Claim], lease_seconds: float) -> None:
-    batch = getattr(queue, "extend_many", None)
-    if batch is not None:
-        await batch(claims, lease_seconds=lease_seconds)
-        return
-    for claim in claims:
-        await queue.extend(claim, lease_seconds=lease_seconds)
-
-
 class _Worker:
     """One `Engine.run_worker` loop: claims, in-flight items, the group commit, the leases.
 
@@ -723,14 +698,14 @@ class _Worker:
                 slots.release()
                 for claim in claims:
                     with contextlib.suppress(CsvimgError):
-                        await engine.queue.release(claim)
+                        await engine.queue.release_many([claim])
                 break
             for _ in claims[1:]:
                 slots.acquire_nowait()
             for claim in claims:
                 self.claims[claim.token] = claim
             try:
-                started = await _start_items(engine.storage, [c.item_id for c in claims], lease)
+                started = await engine._start_items([c.item_id for c in claims])
             except StorageError as exc:
                 for claim in claims:
                     self._storage_failed(claim, exc)
@@ -769,8 +744,6 @@ class _Worker:
                 request = await self._request(item.request_id)
                 if request is None:  # pragma: no cover - storage keeps them together
                     result = None
-                elif item.attempts > engine.settings.max_attempts:
-                    result = too_many_attempts(item.attempts)
                 else:
                     result = await engine._outcome(item, request, downloaded)
             finally:
@@ -831,8 +804,8 @@ class _Worker:
                 self.claims.pop(claim.token, None)
                 # If even this fails, the lease runs out and the item comes back.
                 with contextlib.suppress(CsvimgError):
-                    await self.engine.queue.release(
-                        claim, delay=min(30.0, 2.0 * claim.deliveries)
+                    await self.engine.queue.release_many(
+                        [claim], delay=min(30.0, 2.0 * claim.deliveries)
                     )
         if slot_held:
             for _ in claims:
@@ -864,11 +837,12 @@ class _Worker:
 
     async def _flush(self, batch: list[tuple[Claim, Item | None, ItemResult | None]]) -> None:
         engine = self.engine
-        results = [(item.id, result) for _, item, result in batch
+        results = [(item, result) for _, item, result in batch
                    if item is not None and result is not None]
         claims = [claim for claim, _, _ in batch]
         try:
-            finished = await _finish_items(engine.storage, results) if results else []
+            if results:
+                await engine._finish_items(results)
         except StorageError as exc:
             for claim, item, _ in batch:
                 if item is not None:
@@ -877,17 +851,14 @@ class _Worker:
             with anyio.CancelScope(shield=True):
                 for claim in claims:
                     self.claims.pop(claim.token, None)
-                    with contextlib.suppress(CsvimgError):
-                        await engine.queue.release(claim, delay=min(30.0, 2.0 * claim.deliveries))
+                with contextlib.suppress(CsvimgError):
+                    deliveries = max(claim.deliveries for claim in claims)
+                    await engine.queue.release_many(claims, delay=min(30.0, 2.0 * deliveries))
             return
-        for _, item, result in batch:
-            if item is not None and result is not None:
-                self._unlease(item.id)
-                engine._report_item(item, result)
-        for request in finished:
-            engine._report_finished(request)
+        for item, _ in results:
+            self._unlease(item.id)
         try:
-            await _ack_many(engine.queue, claims)
+            await engine.queue.ack_many(claims)
         except StorageError as exc:
             # Recorded already: redelivered, they are found finished and dropped.
             log.error("queue: acknowledging %d items failed: %s", len(claims), exc)
@@ -906,9 +877,11 @@ class _Worker:
             claims = list(self.claims.values())
             try:
                 if item_ids:
-                    await _extend_leases(self.engine.storage, item_ids, lease)
+                    await self.engine.storage.apply(
+                        ledger.ExtendLeases(tuple(item_ids), at=now(), lease_seconds=lease)
+                    )
                 if claims:
-                    await _extend_many(self.engine.queue, claims, lease)
+                    await self.engine.queue.extend_many(claims, lease_seconds=lease)
             except StorageError as exc:
                 log.error("extending %d leases failed, retrying: %s", len(claims), exc)
 

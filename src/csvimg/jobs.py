@@ -227,6 +227,20 @@ class Item:
         changes.setdefault("updated_at", now())
         return attrs.evolve(self, status=status, **changes)
 
+    @property
+    def result(self) -> ItemResult:
+        """The outcome recorded on this item (meaningful once it is finished)."""
+        return ItemResult(
+            output_key=self.output_key,
+            content_type=self.content_type,
+            bytes_in=self.bytes_in,
+            bytes_out=self.bytes_out,
+            width=self.width,
+            height=self.height,
+            error_code=self.error_code,
+            error_message=self.error_message,
+        )
+
 
 def item_id(request_id: str, seq: int) -> str:
     """Return the id of item number *seq* (0-based) of a request."""
@@ -311,7 +325,7 @@ def item_rows(rows: Iterable[Row], *, start: int = 0) -> Iterator[tuple[int, int
 
 @attrs.frozen
 class ItemResult:
-    """The outcome of processing one item, handed to `Storage.finish_item`.
+    """The outcome of processing one item, recorded by `csvimg.ledger.FinishItems`.
 
     Success when ``error_code`` is None (then ``output_key`` is set).
     """

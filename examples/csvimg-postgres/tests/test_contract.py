@@ -5,13 +5,19 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 
 import pytest
-from csvimg import Settings
+from csvimg import Settings, Storage
 from csvimg.testing import EngineSmokeTests, QueueContract, StorageContract
 
 from csvimg_postgres import PostgresQueue, PostgresStorage
 
 
 class TestPostgresStorage(StorageContract):
+    async def reopened(self, storage: Storage) -> Storage:
+        assert isinstance(storage, PostgresStorage)
+        other = PostgresStorage(storage.url)
+        await other.open()
+        return other
+
     @pytest.fixture
     async def storage(self, schema_url: str) -> AsyncIterator[PostgresStorage]:
         backend = PostgresStorage(schema_url)

@@ -11,21 +11,19 @@ The contract in words (the executable version is `csvimg.testing`):
   webhook registrations, the outbox of events and the log of delivery
   attempts. `create_request` writes a request with all its rows and the
   items it derives from them (one per URL, see `csvimg.jobs.item_rows`)
-  atomically. `finish_item` is atomic and idempotent: it records an item's
-  result, bumps the request's counters and, when the last item finishes,
-  moves the request to COMPLETED or FAILED *and* records the outbox event in
-  the same transaction; it returns the finished request only to the one
-  caller that finished it.
+  atomically. Every change of state after that is a `csvimg.ledger`
+  operation handed to `Storage.apply`: the ledger holds the rules
+  (leases, takeover, attempts, settling once, counters, the final status
+  and its outbox event in the same write, the sweep, the outbox leases);
+  the storage reads what the operation asks for and writes what it
+  decides, atomically. The contract is batch-only: every operation takes
+  many items at once, so a worker pays per batch what it would otherwise
+  pay per item.
 * **Queue** carries item ids, at least once: a claimed id is leased to one
-  consumer and handed out again when the lease expires without `ack`.
-  Because delivery is at least once, processing an item twice must be
-  harmless, which `Storage.start_item` / `finish_item` guarantee.
-* **Batches**: `Storage.start_items`, `finish_items`, `extend_leases` and
-  `Queue.ack_many`, `extend_many` do what the single-item methods do, for
-  many items in one round trip (one transaction, pipeline or script).
-  Workers use them to pay per batch what they would otherwise pay per item.
-  A backend written before they existed still works: the engine falls back
-  to the single-item methods when a backend lacks them.
+  consumer and handed out again when the lease expires without
+  `Queue.ack_many`. Because delivery is at least once, processing an item
+  twice must be harmless, which the ledger's `StartItems` and
+  `FinishItems` guarantee.
 * **BlobStore** keeps output image bytes under keys such as
   ``<request_id>/<seq>.jpg``; `put` is atomic (a reader never sees half a
   blob) and keys cannot escape the store.
@@ -39,7 +37,9 @@ from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 import attrs
 
-from csvimg.jobs import Delivery, Event, Item, ItemResult, Request, Row, Webhook
+from csvimg import ledger
+from csvimg._errors import ConfigError
+from csvimg.jobs import Delivery, Event, Item, Request, Row, Webhook
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -52,6 +52,7 @@ __all__ = [
     "Notifier",
     "Queue",
     "Storage",
+    "check_backend",
     "check_key",
 ]
 
@@ -84,6 +85,27 @@ def check_key(key: str) -> str:
         if len(segment.encode("utf-8", "surrogatepass")) > 255:
             raise ValueError(f"bad blob key {key!r}: a segment is longer than 255 bytes")
     return key
+
+
+def check_backend(kind: str, backend: object, protocol: type) -> None:
+    """Raise `ConfigError` unless *backend* has every method of *protocol*.
+
+    So a backend written for another version of the contract (a storage
+    without `Storage.apply`, say) is refused where it is handed over, with
+    the names it lacks, not later inside a worker.
+    """
+    missing = sorted(
+        name
+        for name, value in vars(protocol).items()
+        if not name.startswith("_") and callable(value)
+        and not callable(getattr(backend, name, None))
+    )
+    if missing:
+        raise ConfigError(
+            f"{kind} backend {type(backend).__name__} lacks {', '.join(missing)}: it does not "
+            f"implement csvimg.backends.{protocol.__name__} of this csvimg version "
+            "(see docs/plugins.md)"
+        )
 
 
 @runtime_checkable
@@ -129,60 +151,24 @@ class Storage(Protocol):
     async def get_item(self, item_id: str) -> Item | None:
         """Return one item, or None when unknown."""
 
-    async def start_item(self, item_id: str, *, lease_seconds: float) -> Item | None:
-        """Lease an item for processing and return it (attempts incremented).
+    async def apply(self, op: ledger.Operation) -> ledger.Changes:
+        """Apply one `csvimg.ledger` operation atomically; return its changes.
 
-        Moves PENDING -> PROCESSING, or takes over a PROCESSING item whose
-        lease has expired (its worker died). Moves the request PENDING ->
-        PROCESSING on its first item. Returns None when the item is unknown,
-        already finished, or leased by a live worker: the caller then drops
-        its copy of the queue message.
-        """
+        Read what ``op.reads`` asks for, hand it to ``op.decide`` and write
+        the `Changes` it returns (whole items, requests and events, insert
+        or replace by id), all in one transaction or under one lock, so two
+        callers never decide on the same state. `csvimg.ledger.run` is that
+        loop for a connector with plain ``read`` and ``write`` calls::
 
-    async def extend_lease(self, item_id: str, *, lease_seconds: float) -> bool:
-        """Push a PROCESSING item's lease forward; False if no longer ours to hold."""
+            async def apply(self, op):
+                async with self._transaction() as tx:
+                    return ledger.run(op, tx.read, tx.write)
 
-    async def start_items(self, item_ids: Sequence[str], *, lease_seconds: float) -> list[Item]:
-        """`start_item` for many ids at once, atomically; return the items that started.
-
-        Same rules as `start_item`, id by id in the order given (an id given
-        twice starts once): unknown, finished and live-leased ids are left
-        out of the answer. One transaction (or script): either every
-        started item is leased or none is.
-        """
-
-    async def extend_leases(self, item_ids: Sequence[str], *, lease_seconds: float) -> list[str]:
-        """`extend_lease` for many ids at once; return the ids whose lease was extended."""
-
-    async def retry_item(self, item_id: str, *, error_code: str, error_message: str) -> bool:
-        """Move PROCESSING -> PENDING after a retryable failure; False if not PROCESSING."""
-
-    async def finish_item(self, item_id: str, result: ItemResult) -> Request | None:
-        """Record an item's outcome atomically; see the module docstring.
-
-        Idempotent: an item that already finished is left as it is. Returns
-        the request only when this call finished it (exactly one caller).
-        """
-
-    async def finish_items(self, results: Sequence[tuple[str, ItemResult]]) -> list[Request]:
-        """`finish_item` for many ``(item_id, result)`` pairs, atomically.
-
-        Same rules as `finish_item`, pair by pair in the order given (a
-        second result for one item is ignored). Returns the requests this
-        call finished, each once, with exactly one outbox event recorded for
-        each, even when other callers finish items of the same requests at
-        the same time. One transaction (or script): all results are recorded
-        or none.
-        """
-
-    async def stale_items(self, *, now: float, pending_before: float, limit: int) -> list[str]:
-        """Ids of items that may have fallen out of the queue, touched.
-
-        PROCESSING items whose lease ended before *now* are moved back to
-        PENDING (their worker died); PENDING items not touched since
-        *pending_before* (lost between storing and enqueuing) are touched.
-        Both get ``updated_at = now``, so an id is returned once per window.
-        The engine re-enqueues them.
+        The operations are `StartItems`, `FinishItems`, `ExtendLeases`,
+        `Sweep`, `LeaseEvents` and `RescheduleEvent`; the rules are theirs,
+        not the backend's. A backend may answer an operation by a native
+        form of the same rules (Redis does, in Lua), as long as the
+        contract suite's state machine finds it equal to the ledger.
         """
 
     async def add_webhook(self, webhook: Webhook) -> None:
@@ -196,12 +182,6 @@ class Storage(Protocol):
 
     async def delete_webhook(self, webhook_id: str, *, owner: str | None = None) -> bool:
         """Delete a registration of *owner*; False when there was none."""
-
-    async def claim_events(self, *, now: float, limit: int, lease_seconds: float) -> list[Event]:
-        """Lease up to *limit* undelivered events due at *now*."""
-
-    async def reschedule_event(self, event_id: str, *, next_attempt_at: float | None) -> None:
-        """Schedule the event's next delivery round; None marks it delivered."""
 
     async def add_delivery(self, request_id: str, delivery: Delivery) -> None:
         """Append one delivery attempt to the request's log."""
@@ -240,20 +220,14 @@ class Queue(Protocol):
     ) -> list[Claim]:
         """Lease up to *max_items* ids, waiting up to *wait* seconds for one."""
 
-    async def ack(self, claim: Claim) -> None:
-        """Remove a processed id for good."""
-
-    async def release(self, claim: Claim, *, delay: float = 0.0) -> None:
-        """Give an id back to be handed out again after *delay* seconds."""
-
-    async def extend(self, claim: Claim, *, lease_seconds: float) -> None:
-        """Keep holding a claimed id for *lease_seconds* more."""
-
     async def ack_many(self, claims: Sequence[Claim]) -> None:
-        """`ack` every claim, in one round trip; claims no longer held are ignored."""
+        """Remove processed ids for good, in one round trip; claims no longer held are ignored."""
+
+    async def release_many(self, claims: Sequence[Claim], *, delay: float = 0.0) -> None:
+        """Give ids back, to be handed out again after *delay* seconds; others are ignored."""
 
     async def extend_many(self, claims: Sequence[Claim], *, lease_seconds: float) -> None:
-        """`extend` every claim, in one round trip; claims no longer held are ignored."""
+        """Keep holding claimed ids for *lease_seconds* more; claims no longer held are ignored."""
 
     async def depth(self) -> int:
         """How many ids wait or are leased (for metrics; may be approximate)."""

@@ -501,17 +501,10 @@ class CeleryQueue:
             "(celery -A csvimg.backends.celery worker)"
         )
 
-    async def ack(self, claim: Claim) -> None:
-        """Raise `ConfigError`: there are no claims to acknowledge."""
-        raise self._no_claims()
-
-    async def release(self, claim: Claim, *, delay: float = 0.0) -> None:
-        """Raise `ConfigError`: there are no claims to give back."""
-        raise self._no_claims()
-
-    async def extend(self, claim: Claim, *, lease_seconds: float) -> None:
-        """Raise `ConfigError`: there are no claims to hold."""
-        raise self._no_claims()
+    async def release_many(self, claims: Sequence[Claim], *, delay: float = 0.0) -> None:
+        """Raise `ConfigError` (none given: nothing to do): there are no claims."""
+        if claims:
+            raise self._no_claims()
 
     async def ack_many(self, claims: Sequence[Claim]) -> None:
         """Raise `ConfigError` (none given: nothing to do): there are no claims."""

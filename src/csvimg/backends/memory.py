@@ -26,7 +26,6 @@ from csvimg.jobs import (
     Event,
     Item,
     ItemIds,
-    ItemResult,
     ItemStatus,
     Request,
     Row,
@@ -153,56 +152,10 @@ class MemoryStorage:
         for event in changes.events:
             self._events[event.id] = event
 
-    def _apply(self, op: ledger.Operation) -> ledger.Changes:
+    async def apply(self, op: ledger.Operation) -> ledger.Changes:
+        """Apply a ledger operation under the lock (see the protocol)."""
         with self._lock:
             return ledger.run(op, self._read, self._write)
-
-    async def start_item(self, item_id: str, *, lease_seconds: float) -> Item | None:
-        """Lease the item (see the protocol)."""
-        started = await self.start_items([item_id], lease_seconds=lease_seconds)
-        return started[0] if started else None
-
-    async def start_items(self, item_ids: Sequence[str], *, lease_seconds: float) -> list[Item]:
-        """Lease many items in one step; return those that started."""
-        op = ledger.StartItems(tuple(item_ids), at=now(), lease_seconds=lease_seconds)
-        return list(self._apply(op).started)
-
-    async def extend_lease(self, item_id: str, *, lease_seconds: float) -> bool:
-        """Extend a PROCESSING item's lease."""
-        return bool(await self.extend_leases([item_id], lease_seconds=lease_seconds))
-
-    async def extend_leases(self, item_ids: Sequence[str], *, lease_seconds: float) -> list[str]:
-        """Extend the leases of the PROCESSING items among *item_ids*."""
-        op = ledger.ExtendLeases(tuple(item_ids), at=now(), lease_seconds=lease_seconds)
-        return list(self._apply(op).ids)
-
-    async def retry_item(self, item_id: str, *, error_code: str, error_message: str) -> bool:
-        """PROCESSING -> PENDING."""
-        with self._lock:
-            item = self._items.get(item_id)
-            if item is None or item.status is not ItemStatus.PROCESSING:
-                return False
-            self._items[item_id] = item.with_status(
-                ItemStatus.PENDING,
-                lease_until=None,
-                error_code=error_code,
-                error_message=error_message,
-            )
-            return True
-
-    async def finish_item(self, item_id: str, result: ItemResult) -> Request | None:
-        """Record the outcome; idempotent."""
-        finished = await self.finish_items([(item_id, result)])
-        return finished[0] if finished else None
-
-    async def finish_items(self, results: Sequence[tuple[str, ItemResult]]) -> list[Request]:
-        """Record many outcomes in one step; return the requests finished."""
-        return list(self._apply(ledger.FinishItems(tuple(results), at=now())).finished)
-
-    async def stale_items(self, *, now: float, pending_before: float, limit: int) -> list[str]:
-        """Items whose lease ran out or that waited too long."""
-        op = ledger.Sweep(now=now, pending_before=pending_before, limit=limit)
-        return list(self._apply(op).ids)
 
     async def add_webhook(self, webhook: Webhook) -> None:
         """Register a receiver."""
@@ -230,15 +183,6 @@ class MemoryStorage:
                 return False
             del self._webhooks[webhook_id]
             return True
-
-    async def claim_events(self, *, now: float, limit: int, lease_seconds: float) -> list[Event]:
-        """Lease due events."""
-        op = ledger.LeaseEvents(now=now, limit=limit, lease_seconds=lease_seconds)
-        return list(self._apply(op).events)
-
-    async def reschedule_event(self, event_id: str, *, next_attempt_at: float | None) -> None:
-        """Schedule the next round, or mark delivered."""
-        self._apply(ledger.RescheduleEvent(event_id, next_attempt_at))
 
     async def add_delivery(self, request_id: str, delivery: Delivery) -> None:
         """Log one attempt."""
@@ -333,22 +277,15 @@ class MemoryQueue:
             with anyio.move_on_after(pause):
                 await self._wakeup.wait()
 
-    async def ack(self, claim: Claim) -> None:
-        """Forget the id."""
+    async def release_many(self, claims: Sequence[Claim], *, delay: float = 0.0) -> None:
+        """Hand the ids back after *delay*."""
+        at = now() + delay
         with self._lock:
-            self._leased.pop(claim.token, None)
-
-    async def release(self, claim: Claim, *, delay: float = 0.0) -> None:
-        """Hand the id back after *delay*."""
-        with self._lock:
-            leased = self._leased.pop(claim.token, None)
-            if leased is not None:
-                self._push(claim.item_id, now() + delay, leased[2])
+            for claim in claims:
+                leased = self._leased.pop(claim.token, None)
+                if leased is not None:
+                    self._push(claim.item_id, at, leased[2])
         self._wake()
-
-    async def extend(self, claim: Claim, *, lease_seconds: float) -> None:
-        """Hold the id longer."""
-        await self.extend_many([claim], lease_seconds=lease_seconds)
 
     async def ack_many(self, claims: Sequence[Claim]) -> None:
         """Forget every id."""

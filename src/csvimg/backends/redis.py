@@ -112,6 +112,7 @@ from redis.exceptions import (
     TimeoutError,
 )
 
+from csvimg import ledger
 from csvimg._errors import ConfigError, NotFoundError, StorageError
 from csvimg.backends import Claim
 from csvimg.jobs import (
@@ -311,19 +312,6 @@ _EXTEND_LEASE = _COMMITTED + """
 if redis.call('HGET', KEYS[1], 'status') ~= 'PROCESSING' then return 0 end
 if not committed_request(ARGV[3], KEYS[1]) then return 0 end
 redis.call('HSET', KEYS[1], 'lease_until', ARGV[1])
-redis.call('ZADD', KEYS[2], ARGV[1], ARGV[2])
-return 1
-"""
-
-_RETRY_ITEM = _COMMITTED + """
--- KEYS: item, pending index, lease index
--- ARGV: now, item id, error code, error message, prefix
-if redis.call('HGET', KEYS[1], 'status') ~= 'PROCESSING' then return 0 end
-if not committed_request(ARGV[5], KEYS[1]) then return 0 end
-redis.call('HSET', KEYS[1], 'status', 'PENDING', 'updated_at', ARGV[1],
-           'error_code', ARGV[3], 'error_message', ARGV[4])
-redis.call('HDEL', KEYS[1], 'lease_until')
-redis.call('ZREM', KEYS[3], ARGV[2])
 redis.call('ZADD', KEYS[2], ARGV[1], ARGV[2])
 return 1
 """
@@ -774,7 +762,6 @@ class RedisStorage:
                     ("get_item", _GET_ITEM),
                     ("start", _START_ITEM),
                     ("extend", _EXTEND_LEASE),
-                    ("retry", _RETRY_ITEM),
                     ("finish", _FINISH_ITEM),
                     ("stale", _STALE_ITEMS),
                     ("claim_events", _CLAIM_EVENTS),
@@ -1036,24 +1023,27 @@ class RedisStorage:
 
     # Item state changes (Lua) -------------------------------------------
 
-    async def start_item(self, item_id: str, *, lease_seconds: float) -> Item | None:
-        """Lease the item (see the protocol); one script, so one winner."""
-        return await self._start(item_id, lease_seconds, uuid.uuid4().hex)
+    async def apply(self, op: ledger.Operation) -> ledger.Changes:
+        """Apply a ledger operation by the Lua form of its rules (see the protocol).
 
-    async def _start(self, item_id: str, lease_seconds: float, token: str) -> Item | None:
-        """`start_item` as the call named *token* (a replay answers the same)."""
-        at = now()
-        with self._conn.errors("starting an item"):
-            raw = await self._script("start", *self._start_call(item_id, at, lease_seconds, token))
-        return None if raw is None else self._item(item_id, _pairs(raw))
-
-    def _start_call(
-        self, item_id: str, at: float, lease_seconds: float, token: str
-    ) -> tuple[list[str], list[str | int]]:
-        return (
-            [self._k_item(item_id), self._k_pending, self._k_leases],
-            [_t(at), _t(at + lease_seconds), item_id, self.prefix, token],
-        )
+        Each operation maps to its script, one per item in one MULTI/EXEC
+        where it takes many; the contract suite's state machine checks the
+        scripts against `csvimg.ledger`, their model.
+        """
+        match op:
+            case ledger.StartItems():
+                return await self._start_items(op)
+            case ledger.FinishItems():
+                return await self._finish_items(op)
+            case ledger.ExtendLeases():
+                return await self._extend_leases(op)
+            case ledger.Sweep():
+                return await self._sweep(op)
+            case ledger.LeaseEvents():
+                return await self._lease_events(op)
+            case ledger.RescheduleEvent():
+                return await self._reschedule_event(op)
+        raise TypeError(f"RedisStorage cannot apply {type(op).__name__}")
 
     async def _pipelined(
         self, doing: str, calls: Sequence[tuple[str, list[str], list[str | int]]]
@@ -1070,77 +1060,85 @@ class RedisStorage:
                     await self._scripts[name](keys=keys, args=args, client=pipe)
                 return list(await pipe.execute())
 
-    async def start_items(self, item_ids: Sequence[str], *, lease_seconds: float) -> list[Item]:
-        """Lease many items: one start script each, all in one MULTI/EXEC."""
-        if not item_ids:
-            return []
-        at = now()
+    async def _start_items(self, op: ledger.StartItems) -> ledger.Changes:
+        """Lease: one start script per id, all in one MULTI/EXEC.
+
+        An item started past ``max_attempts`` is then finished as
+        ``too-many-attempts`` (it is this call's to finish: it holds the
+        lease), in a second round trip that happens only then.
+        """
+        if not op.item_ids:
+            return ledger.Changes()
         calls = [
-            ("start", *self._start_call(i, at, lease_seconds, uuid.uuid4().hex)) for i in item_ids
+            ("start", *self._start_call(i, op.at, op.lease_seconds, uuid.uuid4().hex))
+            for i in op.item_ids
         ]
         answers = await self._pipelined("starting items", calls)
-        return [
+        leased = [
             self._item(i, _pairs(raw))
-            for i, raw in zip(item_ids, answers, strict=True)
+            for i, raw in zip(op.item_ids, answers, strict=True)
             if raw is not None
         ]
+        limit = op.max_attempts
+        over = [item for item in leased if limit is not None and item.attempts > limit]
+        if not over:
+            return ledger.Changes(items=tuple(leased), started=tuple(leased))
+        results = [(i, ledger.too_many_attempts(i.attempts)) for i in over]
+        given_up = await self._finish_items(
+            ledger.FinishItems([(i.id, result) for i, result in results], op.at)
+        )
+        started = tuple(item for item in leased if item not in over)
+        settled = tuple(ledger.settle_item(i, result, at=op.at) for i, result in results)
+        return attrs.evolve(given_up, items=started + settled, started=started)
 
-    async def extend_leases(self, item_ids: Sequence[str], *, lease_seconds: float) -> list[str]:
-        """Push the leases of the PROCESSING items among *item_ids*: one round trip."""
-        if not item_ids:
-            return []
-        until = _t(now() + lease_seconds)
-        calls: list[tuple[str, list[str], list[str | int]]] = [
-            ("extend", [self._k_item(i), self._k_leases], [until, i, self.prefix])
-            for i in item_ids
-        ]
-        answers = await self._pipelined("extending leases", calls)
-        return [i for i, ok in zip(item_ids, answers, strict=True) if ok]
+    def _start_call(
+        self, item_id: str, at: float, lease_seconds: float, token: str
+    ) -> tuple[list[str], list[str | int]]:
+        return (
+            [self._k_item(item_id), self._k_pending, self._k_leases],
+            [_t(at), _t(at + lease_seconds), item_id, self.prefix, token],
+        )
 
-    async def extend_lease(self, item_id: str, *, lease_seconds: float) -> bool:
-        """Push a PROCESSING item's lease to now + *lease_seconds*."""
-        with self._conn.errors("extending a lease"):
-            ok = await self._script(
-                "extend",
-                [self._k_item(item_id), self._k_leases],
-                [_t(now() + lease_seconds), item_id, self.prefix],
-            )
-        return bool(ok)
-
-    async def retry_item(self, item_id: str, *, error_code: str, error_message: str) -> bool:
-        """Move PROCESSING -> PENDING, keeping the error for the record."""
-        with self._conn.errors("retrying an item"):
-            ok = await self._script(
-                "retry",
-                [self._k_item(item_id), self._k_pending, self._k_leases],
-                [_t(now()), item_id, error_code, error_message, self.prefix],
-            )
-        return bool(ok)
-
-    async def finish_item(self, item_id: str, result: ItemResult) -> Request | None:
-        """Record the outcome; idempotent; the last one records the event."""
-        # The event id doubles as the token of this call.
-        return await self._finish(item_id, result, f"msg_{uuid.uuid4().hex}")
+    async def _start(self, item_id: str, lease_seconds: float, token: str) -> Item | None:
+        """Start one item as the call named *token* (a replay answers the same)."""
+        with self._conn.errors("starting an item"):
+            call = self._start_call(item_id, now(), lease_seconds, token)
+            raw = await self._script("start", *call)
+        return None if raw is None else self._item(item_id, _pairs(raw))
 
     async def _finish(self, item_id: str, result: ItemResult, event_id: str) -> Request | None:
-        """`finish_item` as the call named *event_id* (a replay answers the same)."""
+        """Finish one item as the call named *event_id* (a replay answers the same)."""
         with self._conn.errors("finishing an item"):
-            raw = await self._script("finish", *self._finish_call(item_id, result, event_id))
+            raw = await self._script("finish", *self._finish_call(item_id, result, event_id, now()))
         return None if raw is None else self._request(_pairs(raw))
 
-    async def finish_items(self, results: Sequence[tuple[str, ItemResult]]) -> list[Request]:
-        """Record many outcomes: one finish script each, all in one MULTI/EXEC."""
-        if not results:
-            return []
+    async def _finish_items(self, op: ledger.FinishItems) -> ledger.Changes:
+        """Settle: one finish script per result, all in one MULTI/EXEC."""
+        if not op.results:
+            return ledger.Changes()
         calls = [
-            ("finish", *self._finish_call(i, result, f"msg_{uuid.uuid4().hex}"))
-            for i, result in results
+            ("finish", *self._finish_call(i, result, f"msg_{uuid.uuid4().hex}", op.at))
+            for i, result in op.results
         ]
         answers = await self._pipelined("finishing items", calls)
-        return [self._request(_pairs(raw)) for raw in answers if raw is not None]
+        finished = tuple(self._request(_pairs(raw)) for raw in answers if raw is not None)
+        return ledger.Changes(requests=finished, finished=finished)
+
+    async def _extend_leases(self, op: ledger.ExtendLeases) -> ledger.Changes:
+        """Push the leases of the PROCESSING items among the ids: one round trip."""
+        if not op.item_ids:
+            return ledger.Changes()
+        until = _t(op.at + op.lease_seconds)
+        calls: list[tuple[str, list[str], list[str | int]]] = [
+            ("extend", [self._k_item(i), self._k_leases], [until, i, self.prefix])
+            for i in op.item_ids
+        ]
+        answers = await self._pipelined("extending leases", calls)
+        extended = tuple(i for i, ok in zip(op.item_ids, answers, strict=True) if ok)
+        return ledger.Changes(ids=extended)
 
     def _finish_call(
-        self, item_id: str, result: ItemResult, event_id: str
+        self, item_id: str, result: ItemResult, event_id: str, at: float
     ) -> tuple[list[str], list[str | int]]:
         values = {
             "output_key": result.output_key,
@@ -1155,24 +1153,24 @@ class RedisStorage:
         present = [(k, str(v)) for k, v in values.items() if v is not None]
         absent = [k for k, v in values.items() if v is None]
         args: list[str | int] = [
-            _t(now()), item_id, self.prefix, "1" if result.ok else "0", event_id, len(present),
+            _t(at), item_id, self.prefix, "1" if result.ok else "0", event_id, len(present),
         ]
         for name, value in present:
             args += [name, value]
         args += absent
         return [self._k_item(item_id), self._k_pending, self._k_leases, self._k_due], args
 
-    async def stale_items(self, *, now: float, pending_before: float, limit: int) -> list[str]:
+    async def _sweep(self, op: ledger.Sweep) -> ledger.Changes:
         """Ids of expired leases (moved back to PENDING) and forgotten PENDING items."""
-        if limit <= 0:
-            return []
+        if op.limit <= 0:
+            return ledger.Changes()
         with self._conn.errors("looking for stale items"):
             found = await self._script(
                 "stale",
                 [self._k_pending, self._k_leases],
-                [_t(now), _t(pending_before), limit, self.prefix],
+                [_t(op.now), _t(op.pending_before), op.limit, self.prefix],
             )
-        return list(found)
+        return ledger.Changes(ids=tuple(found))
 
     # Webhooks -----------------------------------------------------------
 
@@ -1246,29 +1244,30 @@ class RedisStorage:
             next_attempt_at=_opt_float(h.get("next_attempt_at")),
         )
 
-    async def claim_events(self, *, now: float, limit: int, lease_seconds: float) -> list[Event]:
+    async def _lease_events(self, op: ledger.LeaseEvents) -> ledger.Changes:
         """Lease up to *limit* due events (oldest first among those taken)."""
-        if limit <= 0:
-            return []
+        if op.limit <= 0:
+            return ledger.Changes()
+        until = op.now + op.lease_seconds
         with self._conn.errors("claiming events"):
             raw = await self._script(
-                "claim_events",
-                [self._k_due],
-                [_t(now), limit, _t(now + lease_seconds), self.prefix],
+                "claim_events", [self._k_due], [_t(op.now), op.limit, _t(until), self.prefix]
             )
-        events = [self._event(_pairs(r)) for r in raw if r]
-        return sorted(events, key=lambda e: e.created_at)
+        events = [attrs.evolve(self._event(_pairs(r)), lease_until=until) for r in raw if r]
+        return ledger.Changes(events=tuple(sorted(events, key=lambda e: e.created_at)))
 
-    async def reschedule_event(self, event_id: str, *, next_attempt_at: float | None) -> None:
+    async def _reschedule_event(self, op: ledger.RescheduleEvent) -> ledger.Changes:
         """Schedule the next round (None: delivered); `NotFoundError` if unknown."""
+        at = op.next_attempt_at
         with self._conn.errors("rescheduling an event"):
             ok = await self._script(
                 "reschedule",
-                [f"{self.prefix}:event:{event_id}", self._k_due],
-                ["" if next_attempt_at is None else _t(next_attempt_at), event_id],
+                [f"{self.prefix}:event:{op.event_id}", self._k_due],
+                ["" if at is None else _t(at), op.event_id],
             )
         if not ok:
-            raise NotFoundError(f"no event {event_id}")
+            raise NotFoundError(f"no event {op.event_id}")
+        return ledger.Changes()
 
     async def add_delivery(self, request_id: str, delivery: Delivery) -> None:
         """Append one attempt to the request's log."""
@@ -1426,30 +1425,22 @@ class RedisQueue:
             raise ValueError(f"not a Redis queue token: {claim.token!r}")
         return parts
 
-    async def ack(self, claim: Claim) -> None:
-        """Remove the entry for good, if this claim still holds it."""
-        with self._conn.errors("acknowledging"):
-            await self._ack_script(
-                keys=[self.stream, self.leases], args=[GROUP, *self._token(claim)]
-            )
-
-    async def release(self, claim: Claim, *, delay: float = 0.0) -> None:
-        """Hand the id back, at once or after *delay* seconds (if still held)."""
+    async def release_many(self, claims: Sequence[Claim], *, delay: float = 0.0) -> None:
+        """Hand the ids these claims still hold back, at once or after *delay* seconds."""
+        if not claims:
+            return
+        tokens = [self._token(c) for c in claims]
         due = "" if delay <= 0 else _t(now() + delay)
-        member = f"{claim.deliveries}:{uuid.uuid4().hex}:{claim.item_id}"
         with self._conn.errors("releasing"):
-            await self._release_script(
-                keys=[self.stream, self.delayed, self.leases],
-                args=[GROUP, *self._token(claim), claim.item_id, claim.deliveries, due, member],
-            )
-
-    async def extend(self, claim: Claim, *, lease_seconds: float) -> None:
-        """Hold the id until *lease_seconds* from now (if still held)."""
-        with self._conn.errors("extending a claim"):
-            await self._extend_script(
-                keys=[self.stream, self.leases],
-                args=[GROUP, *self._token(claim), _t(now() + lease_seconds)],
-            )
+            async with self._r.pipeline(transaction=False) as pipe:
+                for claim, token in zip(claims, tokens, strict=True):
+                    member = f"{claim.deliveries}:{uuid.uuid4().hex}:{claim.item_id}"
+                    await self._release_script(
+                        keys=[self.stream, self.delayed, self.leases],
+                        args=[GROUP, *token, claim.item_id, claim.deliveries, due, member],
+                        client=pipe,
+                    )
+                await pipe.execute()
 
     async def ack_many(self, claims: Sequence[Claim]) -> None:
         """Remove every entry these claims still hold: one pipelined round trip."""

@@ -79,7 +79,20 @@ The suite is a package with one module per contract (``storage``,
 
 from __future__ import annotations
 
-from csvimg.testing._helpers import FAR_FUTURE, claimable_events, sample_request
+from csvimg.testing._helpers import (
+    FAR_FUTURE,
+    claim_events,
+    claimable_events,
+    extend_lease,
+    extend_leases,
+    finish_item,
+    finish_items,
+    reschedule_event,
+    sample_request,
+    stale_items,
+    start_item,
+    start_items,
+)
 from csvimg.testing.blobs import HOSTILE_KEYS, BlobStoreContract
 from csvimg.testing.engine import EngineBackends, EngineSmokeTests
 from csvimg.testing.queue import QueueContract
@@ -95,6 +108,15 @@ __all__ = [
     "QueueContract",
     "StorageContract",
     "StorageMachine",
+    "claim_events",
     "claimable_events",
+    "extend_lease",
+    "extend_leases",
+    "finish_item",
+    "finish_items",
+    "reschedule_event",
     "sample_request",
+    "stale_items",
+    "start_item",
+    "start_items",
 ]

@@ -7,6 +7,7 @@ from typing import Any, ClassVar, TypeVar
 
 import pytest
 
+from csvimg import ledger
 from csvimg.backends import Storage
 from csvimg.jobs import (
     Event,
@@ -86,6 +87,78 @@ def sample_request(
     return request, row_list, items
 
 
+# The ledger's operations as plain calls: what tests and contract suites
+# write instead of building each operation by hand.
+
+
+async def start_items(
+    storage: Storage,
+    item_ids: Sequence[str],
+    *,
+    lease_seconds: float,
+    max_attempts: int | None = None,
+) -> list[Item]:
+    """Apply `csvimg.ledger.StartItems` now; return the items that started."""
+    op = ledger.StartItems(tuple(item_ids), at=now(), lease_seconds=lease_seconds,
+                           max_attempts=max_attempts)
+    return list((await storage.apply(op)).started)
+
+
+async def start_item(storage: Storage, item_id: str, *, lease_seconds: float) -> Item | None:
+    """`start_items` for one id: the item, or None when it did not start."""
+    started = await start_items(storage, [item_id], lease_seconds=lease_seconds)
+    return started[0] if started else None
+
+
+async def extend_leases(
+    storage: Storage, item_ids: Sequence[str], *, lease_seconds: float
+) -> list[str]:
+    """Apply `csvimg.ledger.ExtendLeases` now; return the ids extended."""
+    op = ledger.ExtendLeases(tuple(item_ids), at=now(), lease_seconds=lease_seconds)
+    return list((await storage.apply(op)).ids)
+
+
+async def extend_lease(storage: Storage, item_id: str, *, lease_seconds: float) -> bool:
+    """`extend_leases` for one id: whether it was extended."""
+    return bool(await extend_leases(storage, [item_id], lease_seconds=lease_seconds))
+
+
+async def finish_items(
+    storage: Storage, results: Sequence[tuple[str, ItemResult]]
+) -> list[Request]:
+    """Apply `csvimg.ledger.FinishItems` now; return the requests it finished."""
+    return list((await storage.apply(ledger.FinishItems(tuple(results), at=now()))).finished)
+
+
+async def finish_item(storage: Storage, item_id: str, result: ItemResult) -> Request | None:
+    """`finish_items` for one item: the request, when this call finished it."""
+    finished = await finish_items(storage, [(item_id, result)])
+    return finished[0] if finished else None
+
+
+async def stale_items(
+    storage: Storage, *, now: float, pending_before: float, limit: int
+) -> list[str]:
+    """Apply `csvimg.ledger.Sweep`; return the ids to enqueue again."""
+    op = ledger.Sweep(now=now, pending_before=pending_before, limit=limit)
+    return list((await storage.apply(op)).ids)
+
+
+async def claim_events(
+    storage: Storage, *, now: float, limit: int, lease_seconds: float
+) -> list[Event]:
+    """Apply `csvimg.ledger.LeaseEvents`; return the leased events, oldest first."""
+    op = ledger.LeaseEvents(now=now, limit=limit, lease_seconds=lease_seconds)
+    return list((await storage.apply(op)).events)
+
+
+async def reschedule_event(
+    storage: Storage, event_id: str, *, next_attempt_at: float | None
+) -> None:
+    """Apply `csvimg.ledger.RescheduleEvent` (`NotFoundError` for an unknown id)."""
+    await storage.apply(ledger.RescheduleEvent(event_id, next_attempt_at))
+
+
 async def claimable_events(storage: Storage, request_id: str | None = None) -> list[Event]:
     """Claim every undelivered event (of *request_id* when given), oldest first.
 
@@ -93,7 +166,7 @@ async def claimable_events(storage: Storage, request_id: str | None = None) -> l
     events again; but a claimer using the real clock will not see them
     until then. For tests only.
     """
-    events = await storage.claim_events(now=FAR_FUTURE, limit=100_000, lease_seconds=0.0)
+    events = await claim_events(storage, now=FAR_FUTURE, limit=100_000, lease_seconds=0.0)
     return [e for e in events if request_id is None or e.request_id == request_id]
 
 
@@ -146,6 +219,24 @@ class _StorageCase(_AnyioContract):
 
     concurrent_finishers: ClassVar[int] = 3
     """How many tasks race to finish each item in the exactly-once test."""
+
+    keeps_data: ClassVar[bool] = True
+    """Whether what was stored outlives the backend object; False only for a
+    backend that keeps nothing by design (``memory://``), which skips the
+    reopening test."""
+
+    async def reopened(self, storage: Storage) -> Storage:
+        """Return a new, opened backend object on the data *storage* (closed) kept.
+
+        A backend that keeps data overrides this (a file: open the same path;
+        a server: connect with the same URL), so the suite checks that what
+        was written is really stored, not only held in the object's memory.
+        """
+        raise NotImplementedError(
+            f"{type(self).__name__} must override reopened() to build a second "
+            f"{type(storage).__name__} on the same data, or set keeps_data = False "
+            "for a backend that keeps nothing by design"
+        )
 
     @staticmethod
     async def create(storage: Storage, *args: Any, **kwargs: Any) -> tuple[

@@ -19,6 +19,11 @@ from csvimg.testing._helpers import (
     _ok,
     _StorageCase,
     claimable_events,
+    extend_leases,
+    finish_item,
+    finish_items,
+    start_item,
+    start_items,
 )
 
 
@@ -29,12 +34,12 @@ class _BatchTests(_StorageCase):
         """Known PENDING ids start, in order; unknown, live-leased, finished and repeated don't."""
         request, _, items = await self.create(storage, rows=2, urls_per_row=3)
         ids = [i.id for i in items]
-        assert await storage.start_item(ids[1], lease_seconds=30)
-        await storage.finish_item(ids[2], _ok(2))
+        assert await start_item(storage, ids[1], lease_seconds=30)
+        await finish_item(storage, ids[2], _ok(2))
         unknown = item_id(new_id(), 0)
-        assert await storage.start_items([], lease_seconds=30) == []
+        assert await start_items(storage, [], lease_seconds=30) == []
         before = now()
-        got = await storage.start_items(
+        got = await start_items(storage,
             [ids[3], unknown, ids[0], ids[1], ids[2], ids[3], ids[5]], lease_seconds=30
         )
         after = now()
@@ -59,9 +64,9 @@ class _BatchTests(_StorageCase):
         """Items of several requests start together; ended leases are taken over."""
         first, _, items1 = await self.create(storage, rows=1, urls_per_row=1)
         second, _, items2 = await self.create(storage, rows=1, urls_per_row=1)
-        assert await storage.start_item(items1[0].id, lease_seconds=self.short_lease)
+        assert await start_item(storage, items1[0].id, lease_seconds=self.short_lease)
         await anyio.sleep(self.short_lease * 2)
-        got = await storage.start_items([items1[0].id, items2[0].id], lease_seconds=30)
+        got = await start_items(storage, [items1[0].id, items2[0].id], lease_seconds=30)
         assert [(i.id, i.attempts) for i in got] == [(items1[0].id, 2), (items2[0].id, 1)]
         for request in (first, second):
             stored = await storage.get_request(request.id)
@@ -72,14 +77,14 @@ class _BatchTests(_StorageCase):
         """Only PROCESSING items are extended (and reported); their leases then hold."""
         _, _, items = await self.create(storage, rows=1, urls_per_row=4)
         a, b, pending, done = (i.id for i in items)
-        assert await storage.start_items([a, b, done], lease_seconds=self.short_lease)
-        await storage.finish_item(done, _ok(3))
-        assert await storage.extend_leases([], lease_seconds=30) == []
+        assert await start_items(storage, [a, b, done], lease_seconds=self.short_lease)
+        await finish_item(storage, done, _ok(3))
+        assert await extend_leases(storage, [], lease_seconds=30) == []
         unknown = item_id(new_id(), 0)
-        got = await storage.extend_leases([a, unknown, pending, done, b], lease_seconds=30)
+        got = await extend_leases(storage, [a, unknown, pending, done, b], lease_seconds=30)
         assert got == [a, b]
         await anyio.sleep(self.short_lease * 2)
-        assert await storage.start_items([a, b], lease_seconds=30) == []
+        assert await start_items(storage, [a, b], lease_seconds=30) == []
         for held in (a, b):
             stored = await storage.get_item(held)
             assert stored is not None
@@ -92,11 +97,11 @@ class _BatchTests(_StorageCase):
         """One batch finishes the last item of one request and not the other's."""
         first, _, items1 = await self.create(storage, rows=1, urls_per_row=2)
         second, _, items2 = await self.create(storage, rows=1, urls_per_row=3)
-        await storage.start_items([i.id for i in items1 + items2], lease_seconds=30)
-        assert await storage.finish_items([]) == []
-        assert await storage.finish_item(items1[0].id, _failure(0)) is None
+        await start_items(storage, [i.id for i in items1 + items2], lease_seconds=30)
+        assert await finish_items(storage, []) == []
+        assert await finish_item(storage, items1[0].id, _failure(0)) is None
         unknown = item_id(new_id(), 0)
-        got = await storage.finish_items(
+        got = await finish_items(storage,
             [
                 (items2[0].id, _ok(10)),
                 (unknown, _ok(11)),
@@ -132,18 +137,18 @@ class _BatchTests(_StorageCase):
         assert await storage.get_item(unknown) is None
         # Finishing the rest returns `second` once; repeating the batch returns nothing.
         rest = [(items2[2].id, _failure(16)), (items2[0].id, _failure(17))]
-        [done] = await storage.finish_items(rest)
+        [done] = await finish_items(storage, rest)
         assert (done.id, done.status, done.done, done.failed) == (
             second.id, RequestStatus.COMPLETED, 1, 2,
         )
-        assert await storage.finish_items(rest) == []
+        assert await finish_items(storage, rest) == []
         assert len(await claimable_events(storage, second.id)) == 1
 
     async def test_finish_items_finishes_several_requests(self, storage: Storage) -> None:
         """A batch holding every item of two requests finishes both, one event each."""
         first, _, items1 = await self.create(storage, rows=1, urls_per_row=2)
         second, _, items2 = await self.create(storage, rows=1, urls_per_row=1)
-        got = await storage.finish_items(
+        got = await finish_items(storage,
             [(items1[0].id, _failure(0)), (items2[0].id, _failure(1)), (items1[1].id, _ok(2))]
         )
         assert sorted((r.id, r.status) for r in got) == sorted(
@@ -168,7 +173,7 @@ class _BatchTests(_StorageCase):
 
         async def finish(batches: list[list[tuple[str, ItemResult]]]) -> None:
             for batch in batches:
-                winners.extend(await storage.finish_items(batch))
+                winners.extend(await finish_items(storage, batch))
 
         async with anyio.create_task_group() as tg:
             for n in range(self.concurrent_finishers):

@@ -18,6 +18,8 @@ from csvimg.testing._helpers import (
     _ok,
     _StorageCase,
     claimable_events,
+    finish_item,
+    start_item,
 )
 
 
@@ -30,8 +32,8 @@ class _FinishTests(_StorageCase):
         """Results land on items, counters move, the last call gets the request."""
         request, _, items = await self.create(storage, rows=1, urls_per_row=3)
         for item in items:
-            assert await storage.start_item(item.id, lease_seconds=30)
-        assert await storage.finish_item(items[0].id, _ok(0)) is None
+            assert await start_item(storage, item.id, lease_seconds=30)
+        assert await finish_item(storage, items[0].id, _ok(0)) is None
         done = await storage.get_item(items[0].id)
         assert done is not None
         assert done.status is ItemStatus.DONE
@@ -45,7 +47,7 @@ class _FinishTests(_StorageCase):
         assert stored is not None
         assert (stored.status, stored.done, stored.failed) == (RequestStatus.PROCESSING, 1, 0)
 
-        assert await storage.finish_item(items[1].id, _failure(1)) is None
+        assert await finish_item(storage, items[1].id, _failure(1)) is None
         failed = await storage.get_item(items[1].id)
         assert failed is not None
         assert failed.status is ItemStatus.FAILED
@@ -56,7 +58,7 @@ class _FinishTests(_StorageCase):
         assert stored is not None
         assert (stored.status, stored.done, stored.failed) == (RequestStatus.PROCESSING, 1, 1)
 
-        finished = await storage.finish_item(items[2].id, _ok(2))
+        finished = await finish_item(storage, items[2].id, _ok(2))
         assert finished is not None
         assert finished.id == request.id
         assert (finished.status, finished.done, finished.failed) == (RequestStatus.COMPLETED, 2, 1)
@@ -65,23 +67,23 @@ class _FinishTests(_StorageCase):
     async def test_finish_item_is_idempotent(self, storage: Storage) -> None:
         """A second finish of an item changes nothing and returns None."""
         request, _, items = await self.create(storage, rows=1, urls_per_row=2)
-        assert await storage.finish_item(items[0].id, _ok(0)) is None
-        assert await storage.finish_item(items[0].id, _failure(0)) is None
+        assert await finish_item(storage, items[0].id, _ok(0)) is None
+        assert await finish_item(storage, items[0].id, _failure(0)) is None
         first = await storage.get_item(items[0].id)
         assert first is not None
         assert first.status is ItemStatus.DONE
-        finished = await storage.finish_item(items[1].id, _ok(1))
+        finished = await finish_item(storage, items[1].id, _ok(1))
         assert finished is not None
         assert (finished.done, finished.failed) == (2, 0)
-        assert await storage.finish_item(items[1].id, _ok(1)) is None
-        assert await storage.finish_item(item_id(new_id(), 0), _ok(0)) is None
+        assert await finish_item(storage, items[1].id, _ok(1)) is None
+        assert await finish_item(storage, item_id(new_id(), 0), _ok(0)) is None
         assert await storage.get_request(request.id) == finished
         assert len(await claimable_events(storage, request.id)) == 1
 
     async def test_finish_of_a_pending_item_counts(self, storage: Storage) -> None:
         """A result for an item whose lease was taken back is accepted, not redone."""
         request, _, items = await self.create(storage, rows=1, urls_per_row=2)
-        assert await storage.finish_item(items[0].id, _ok(0)) is None
+        assert await finish_item(storage, items[0].id, _ok(0)) is None
         stored = await storage.get_request(request.id)
         assert stored is not None
         assert stored.done == 1
@@ -92,8 +94,8 @@ class _FinishTests(_StorageCase):
     async def test_completed_when_any_item_done(self, storage: Storage) -> None:
         """Some done, some failed: COMPLETED and one ``request.completed`` event."""
         request, _, items = await self.create(storage, rows=2, urls_per_row=1, owner="alice")
-        await storage.finish_item(items[0].id, _failure(0))
-        finished = await storage.finish_item(items[1].id, _ok(1))
+        await finish_item(storage, items[0].id, _failure(0))
+        finished = await finish_item(storage, items[1].id, _ok(1))
         assert finished is not None
         assert finished.status is RequestStatus.COMPLETED
         events = await claimable_events(storage)
@@ -111,9 +113,9 @@ class _FinishTests(_StorageCase):
     async def test_failed_when_every_item_failed(self, storage: Storage) -> None:
         """All failed: FAILED and one ``request.failed`` event."""
         request, _, items = await self.create(storage, rows=1, urls_per_row=2)
-        await storage.start_item(items[0].id, lease_seconds=30)
-        await storage.finish_item(items[0].id, _failure(0))
-        finished = await storage.finish_item(items[1].id, _failure(1))
+        await start_item(storage, items[0].id, lease_seconds=30)
+        await finish_item(storage, items[0].id, _failure(0))
+        finished = await finish_item(storage, items[1].id, _failure(1))
         assert finished is not None
         assert (finished.status, finished.done, finished.failed) == (RequestStatus.FAILED, 0, 2)
         events = await claimable_events(storage, request.id)
@@ -126,7 +128,7 @@ class _FinishTests(_StorageCase):
 
         async def finish(seq: int) -> None:
             outcome = _failure(seq) if seq % 4 == 0 else _ok(seq)
-            results.append(await storage.finish_item(items[seq].id, outcome))
+            results.append(await finish_item(storage, items[seq].id, outcome))
 
         async with anyio.create_task_group() as tg:
             for _ in range(self.concurrent_finishers):

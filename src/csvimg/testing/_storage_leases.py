@@ -15,11 +15,15 @@ from csvimg.jobs import (
 from csvimg.testing._helpers import (
     _ok,
     _StorageCase,
+    extend_lease,
+    finish_item,
+    stale_items,
+    start_item,
 )
 
 
 class _LeaseTests(_StorageCase):
-    """Leasing items (start, extend, retry, stale items)."""
+    """Leasing items (start, extend, stale items)."""
 
     # -- leasing -------------------------------------------------------------
 
@@ -27,7 +31,7 @@ class _LeaseTests(_StorageCase):
         """PENDING -> PROCESSING, attempts + 1, leased; the request starts too."""
         request, _, items = await self.create(storage, rows=1, urls_per_row=2)
         before = now()
-        got = await storage.start_item(items[0].id, lease_seconds=30)
+        got = await start_item(storage, items[0].id, lease_seconds=30)
         after = now()
         assert got is not None
         assert got.id == items[0].id
@@ -45,13 +49,13 @@ class _LeaseTests(_StorageCase):
     async def test_start_item_refuses(self, storage: Storage) -> None:
         """None for unknown, live-leased and finished items; nothing changes."""
         _, _, items = await self.create(storage, rows=1, urls_per_row=1)
-        assert await storage.start_item(item_id(new_id(), 0), lease_seconds=30) is None
-        first = await storage.start_item(items[0].id, lease_seconds=30)
+        assert await start_item(storage, item_id(new_id(), 0), lease_seconds=30) is None
+        first = await start_item(storage, items[0].id, lease_seconds=30)
         assert first is not None
-        assert await storage.start_item(items[0].id, lease_seconds=30) is None
+        assert await start_item(storage, items[0].id, lease_seconds=30) is None
         assert await storage.get_item(items[0].id) == first
-        await storage.finish_item(items[0].id, _ok(0))
-        assert await storage.start_item(items[0].id, lease_seconds=30) is None
+        await finish_item(storage, items[0].id, _ok(0))
+        assert await start_item(storage, items[0].id, lease_seconds=30) is None
         finished = await storage.get_item(items[0].id)
         assert finished is not None
         assert finished.status is ItemStatus.DONE
@@ -60,9 +64,9 @@ class _LeaseTests(_StorageCase):
     async def test_expired_lease_is_taken_over(self, storage: Storage) -> None:
         """A PROCESSING item whose lease ended is leased again (its worker died)."""
         _, _, items = await self.create(storage, rows=1, urls_per_row=1)
-        assert await storage.start_item(items[0].id, lease_seconds=self.short_lease)
+        assert await start_item(storage, items[0].id, lease_seconds=self.short_lease)
         await anyio.sleep(self.short_lease * 2)
-        again = await storage.start_item(items[0].id, lease_seconds=30)
+        again = await start_item(storage, items[0].id, lease_seconds=30)
         assert again is not None
         assert again.status is ItemStatus.PROCESSING
         assert again.attempts == 2
@@ -73,77 +77,68 @@ class _LeaseTests(_StorageCase):
         """Only a PROCESSING item's lease can be extended, and it then holds."""
         _, _, items = await self.create(storage, rows=1, urls_per_row=2)
         a, b = items[0].id, items[1].id
-        assert await storage.start_item(a, lease_seconds=self.short_lease)
-        assert await storage.extend_lease(a, lease_seconds=30) is True
+        assert await start_item(storage, a, lease_seconds=self.short_lease)
+        assert await extend_lease(storage, a, lease_seconds=30) is True
         await anyio.sleep(self.short_lease * 2)
-        assert await storage.start_item(a, lease_seconds=30) is None
+        assert await start_item(storage, a, lease_seconds=30) is None
         stored = await storage.get_item(a)
         assert stored is not None
         assert stored.lease_until is not None
         assert stored.lease_until > now() + 20
-        assert await storage.extend_lease(b, lease_seconds=30) is False
-        assert await storage.extend_lease(item_id(new_id(), 0), lease_seconds=30) is False
-        await storage.finish_item(a, _ok(0))
-        assert await storage.extend_lease(a, lease_seconds=30) is False
-
-    async def test_retry_item(self, storage: Storage) -> None:
-        """PROCESSING -> PENDING with the error kept; anything else is refused."""
-        _, _, items = await self.create(storage, rows=1, urls_per_row=2)
-        a, b = items[0].id, items[1].id
-        assert await storage.retry_item(b, error_code="timeout", error_message="x") is False
-        assert await storage.start_item(a, lease_seconds=30)
-        assert await storage.retry_item(a, error_code="timeout", error_message="slow") is True
-        stored = await storage.get_item(a)
-        assert stored is not None
-        assert stored.status is ItemStatus.PENDING
-        assert stored.lease_until is None
-        assert (stored.error_code, stored.error_message) == ("timeout", "slow")
-        assert stored.attempts == 1
-        assert await storage.retry_item(a, error_code="timeout", error_message="x") is False
-        again = await storage.start_item(a, lease_seconds=30)
-        assert again is not None
-        assert again.attempts == 2
-        unknown = item_id(new_id(), 0)
-        assert await storage.retry_item(unknown, error_code="x", error_message="x") is False
-        await storage.finish_item(a, _ok(0))
-        assert await storage.retry_item(a, error_code="x", error_message="x") is False
+        assert await extend_lease(storage, b, lease_seconds=30) is False
+        assert await extend_lease(storage, item_id(new_id(), 0), lease_seconds=30) is False
+        await finish_item(storage, a, _ok(0))
+        assert await extend_lease(storage, a, lease_seconds=30) is False
 
     async def test_stale_items_takes_back_ended_leases(self, storage: Storage) -> None:
         """PROCESSING items whose lease ended go back to PENDING, once."""
         _, _, items = await self.create(storage, rows=1, urls_per_row=3)
         leased, live, done = (i.id for i in items)
-        assert await storage.start_item(leased, lease_seconds=30)
-        assert await storage.start_item(live, lease_seconds=7200)
-        assert await storage.start_item(done, lease_seconds=30)
-        await storage.finish_item(done, _ok(2))
+        assert await start_item(storage, leased, lease_seconds=30)
+        assert await start_item(storage, live, lease_seconds=7200)
+        assert await start_item(storage, done, lease_seconds=30)
+        await finish_item(storage, done, _ok(2))
         t = now()
-        assert await storage.stale_items(now=t, pending_before=0, limit=10) == []
+        assert await stale_items(storage, now=t, pending_before=0, limit=10) == []
         later = t + 3600
-        assert await storage.stale_items(now=later, pending_before=0, limit=10) == [leased]
+        assert await stale_items(storage, now=later, pending_before=0, limit=10) == [leased]
         back = await storage.get_item(leased)
         assert back is not None
         assert (back.status, back.lease_until, back.attempts) == (ItemStatus.PENDING, None, 1)
         assert back.updated_at == later
-        assert await storage.stale_items(now=later, pending_before=0, limit=10) == []
-        assert await storage.start_item(leased, lease_seconds=30) is not None
+        assert await stale_items(storage, now=later, pending_before=0, limit=10) == []
+        assert await start_item(storage, leased, lease_seconds=30) is not None
         finished = await storage.get_item(done)
         assert finished is not None
         assert finished.status is ItemStatus.DONE
+
+    async def test_stale_items_keeps_to_its_limit(self, storage: Storage) -> None:
+        """A sweep returns at most *limit* ended leases; the next sweep takes the rest."""
+        _, _, items = await self.create(storage, rows=1, urls_per_row=3)
+        ids = [i.id for i in items]
+        for one in ids:
+            assert await start_item(storage, one, lease_seconds=30)
+        later = now() + 3600
+        first = await stale_items(storage, now=later, pending_before=0, limit=2)
+        assert len(first) == 2
+        assert set(first) < set(ids)
+        rest = await stale_items(storage, now=later, pending_before=0, limit=10)
+        assert sorted(first + rest) == sorted(ids)
 
     async def test_stale_items_touches_forgotten_pending_items(self, storage: Storage) -> None:
         """PENDING items untouched since *pending_before*, once per window, *limit* at most."""
         _, _, items = await self.create(storage, rows=1, urls_per_row=3)
         ids = [i.id for i in items]
         t = now() + 1
-        assert await storage.stale_items(now=t, pending_before=t - 3600, limit=10) == []
-        first = await storage.stale_items(now=t, pending_before=t, limit=2)
+        assert await stale_items(storage, now=t, pending_before=t - 3600, limit=10) == []
+        first = await stale_items(storage, now=t, pending_before=t, limit=2)
         assert len(first) == 2
         assert set(first) < set(ids)
         touched = await storage.get_item(first[0])
         assert touched is not None
         assert (touched.status, touched.updated_at) == (ItemStatus.PENDING, t)
-        rest = await storage.stale_items(now=t, pending_before=t, limit=10)
+        rest = await stale_items(storage, now=t, pending_before=t, limit=10)
         assert sorted(first + rest) == sorted(ids)
-        assert await storage.stale_items(now=t, pending_before=t, limit=10) == []
-        again = await storage.stale_items(now=t + 60, pending_before=t + 30, limit=10)
+        assert await stale_items(storage, now=t, pending_before=t, limit=10) == []
+        again = await stale_items(storage, now=t + 60, pending_before=t + 30, limit=10)
         assert sorted(again) == sorted(ids)

@@ -17,6 +17,9 @@ from csvimg.testing._helpers import (
     FAR_FUTURE,
     _ok,
     _StorageCase,
+    claim_events,
+    finish_item,
+    reschedule_event,
 )
 
 
@@ -54,7 +57,7 @@ class _OutboxTests(_StorageCase):
 
     async def _finished_request(self, storage: Storage) -> Request:
         _, _, items = await self.create(storage, rows=1, urls_per_row=1)
-        finished = await storage.finish_item(items[0].id, _ok(0))
+        finished = await finish_item(storage, items[0].id, _ok(0))
         assert finished is not None
         return finished
 
@@ -62,42 +65,42 @@ class _OutboxTests(_StorageCase):
         """Due events are leased; rescheduling counts a round; None is delivered."""
         request = await self._finished_request(storage)
         t = now() + 1
-        [event] = await storage.claim_events(now=t, limit=10, lease_seconds=30)
+        [event] = await claim_events(storage, now=t, limit=10, lease_seconds=30)
         assert event.request_id == request.id
         assert event.attempts == 0
-        assert await storage.claim_events(now=t, limit=10, lease_seconds=30) == []
-        assert await storage.claim_events(now=t + 29, limit=10, lease_seconds=30) == []
-        [again] = await storage.claim_events(now=t + 31, limit=10, lease_seconds=30)
+        assert await claim_events(storage, now=t, limit=10, lease_seconds=30) == []
+        assert await claim_events(storage, now=t + 29, limit=10, lease_seconds=30) == []
+        [again] = await claim_events(storage, now=t + 31, limit=10, lease_seconds=30)
         assert again.id == event.id
-        await storage.reschedule_event(event.id, next_attempt_at=t + 100)
-        assert await storage.claim_events(now=t + 50, limit=10, lease_seconds=30) == []
-        [third] = await storage.claim_events(now=t + 100, limit=10, lease_seconds=30)
+        await reschedule_event(storage, event.id, next_attempt_at=t + 100)
+        assert await claim_events(storage, now=t + 50, limit=10, lease_seconds=30) == []
+        [third] = await claim_events(storage, now=t + 100, limit=10, lease_seconds=30)
         assert (third.id, third.attempts, third.next_attempt_at) == (event.id, 1, t + 100)
-        await storage.reschedule_event(event.id, next_attempt_at=None)
-        assert await storage.claim_events(now=FAR_FUTURE, limit=10, lease_seconds=30) == []
+        await reschedule_event(storage, event.id, next_attempt_at=None)
+        assert await claim_events(storage, now=FAR_FUTURE, limit=10, lease_seconds=30) == []
 
     async def test_claim_events_limit_and_order(self, storage: Storage) -> None:
         """At most *limit* per claim, oldest first; leased ones are skipped."""
         made = [await self._finished_request(storage) for _ in range(3)]
         t = now() + 1
-        first = await storage.claim_events(now=t, limit=2, lease_seconds=30)
-        second = await storage.claim_events(now=t, limit=2, lease_seconds=30)
+        first = await claim_events(storage, now=t, limit=2, lease_seconds=30)
+        second = await claim_events(storage, now=t, limit=2, lease_seconds=30)
         assert [e.request_id for e in first + second] == [r.id for r in made]
         assert len({e.id for e in first + second}) == 3
 
     async def test_events_not_yet_due_are_not_claimed(self, storage: Storage) -> None:
         """An event is claimed only once its next attempt is due."""
         await self._finished_request(storage)
-        [event] = await storage.claim_events(now=now() + 1, limit=10, lease_seconds=0)
+        [event] = await claim_events(storage, now=now() + 1, limit=10, lease_seconds=0)
         assert event.next_attempt_at is not None
-        await storage.reschedule_event(event.id, next_attempt_at=event.next_attempt_at + 600)
-        assert await storage.claim_events(now=event.next_attempt_at + 599, limit=10,
+        await reschedule_event(storage, event.id, next_attempt_at=event.next_attempt_at + 600)
+        assert await claim_events(storage, now=event.next_attempt_at + 599, limit=10,
                                           lease_seconds=0) == []
 
     async def test_reschedule_unknown_event(self, storage: Storage) -> None:
         """Rescheduling an event that does not exist raises `NotFoundError`."""
         with pytest.raises(NotFoundError):
-            await storage.reschedule_event("msg_nope", next_attempt_at=None)
+            await reschedule_event(storage, "msg_nope", next_attempt_at=None)
 
     async def test_deliveries(self, storage: Storage) -> None:
         """Attempts are logged per request, oldest first."""

@@ -7,14 +7,18 @@ import pytest
 from csvimg._errors import StorageError
 from csvimg.backends import Storage
 from csvimg.jobs import (
+    ItemStatus,
     item_id,
     new_id,
     now,
 )
 from csvimg.testing._helpers import (
     _collect,
+    _ok,
     _StorageCase,
+    finish_item,
     sample_request,
+    start_item,
 )
 
 
@@ -103,3 +107,22 @@ class _RequestTests(_StorageCase):
         assert [r.id for r in await storage.list_requests(owner="alice")] == [ids[2], ids[0]]
         assert await storage.list_requests(owner="nobody") == []
         assert (await storage.list_requests(owner="bob"))[0] == made[1]
+
+    async def test_data_survives_closing_and_reopening(self, storage: Storage) -> None:
+        """Closed, then opened again as a new object: every request, row and item is there."""
+        if not self.keeps_data:
+            pytest.skip("keeps_data = False: this backend keeps nothing once closed")
+        request, rows, items = await self.create(storage, rows=2, urls_per_row=2)
+        assert await start_item(storage, items[0].id, lease_seconds=30)
+        await finish_item(storage, items[0].id, _ok(0))
+        expected = await storage.list_items(request.id)
+        stored = await storage.get_request(request.id)
+        await storage.close()
+        other = await self.reopened(storage)
+        try:
+            assert await other.get_request(request.id) == stored
+            assert await other.list_rows(request.id) == rows
+            assert await other.list_items(request.id) == expected
+            assert expected[0].status is ItemStatus.DONE
+        finally:
+            await other.close()

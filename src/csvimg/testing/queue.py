@@ -39,7 +39,7 @@ class QueueContract(_AnyioContract):
         assert len({c.token for c in claims}) == 3
         assert await queue.claim(consumer="w1", max_items=10, lease_seconds=30, wait=0) == []
         for claim in claims:
-            await queue.ack(claim)
+            await queue.ack_many([claim])
         assert await queue.depth() == 0
 
     async def test_enqueue_item_ids(self, queue: Queue) -> None:
@@ -52,7 +52,7 @@ class QueueContract(_AnyioContract):
         claims = await queue.claim(consumer="w1", max_items=20, lease_seconds=30, wait=0)
         assert sorted(c.item_id for c in claims) == sorted(item_id(rid, n) for n in range(12))
         for claim in claims:
-            await queue.ack(claim)
+            await queue.ack_many([claim])
         assert await queue.depth() == 0
 
     async def test_max_items_and_duplicates(self, queue: Queue) -> None:
@@ -105,19 +105,19 @@ class QueueContract(_AnyioContract):
         assert second.item_id == "a"
         assert second.deliveries == 2
         assert second.token != first.token
-        await queue.ack(first)  # the stale claim no longer holds the id
+        await queue.ack_many([first])  # the stale claim no longer holds the id
         assert await queue.depth() == 1
-        await queue.ack(second)
+        await queue.ack_many([second])
         assert await queue.depth() == 0
 
     async def test_release(self, queue: Queue) -> None:
         """A released id comes back at once, or after its delay."""
         await queue.enqueue(["a"])
         [first] = await queue.claim(consumer="w1", max_items=1, lease_seconds=30, wait=0)
-        await queue.release(first)
+        await queue.release_many([first])
         [second] = await queue.claim(consumer="w1", max_items=1, lease_seconds=30, wait=0)
         assert (second.item_id, second.deliveries) == ("a", 2)
-        await queue.release(second, delay=0.3)
+        await queue.release_many([second], delay=0.3)
         assert await queue.claim(consumer="w1", max_items=1, lease_seconds=30, wait=0) == []
         start = anyio.current_time()
         [third] = await queue.claim(consumer="w1", max_items=1, lease_seconds=30, wait=3)
@@ -129,10 +129,10 @@ class QueueContract(_AnyioContract):
         """An extended lease outlives its first deadline."""
         await queue.enqueue(["a"])
         [claim] = await queue.claim(consumer="w1", max_items=1, lease_seconds=self.lease, wait=0)
-        await queue.extend(claim, lease_seconds=30)
+        await queue.extend_many([claim], lease_seconds=30)
         await anyio.sleep(self.lease * 1.5)
         assert await queue.claim(consumer="w2", max_items=1, lease_seconds=30, wait=0) == []
-        await queue.ack(claim)
+        await queue.ack_many([claim])
         assert await queue.depth() == 0
 
     async def test_ack_many(self, queue: Queue) -> None:
@@ -173,7 +173,7 @@ class QueueContract(_AnyioContract):
         claims = await queue.claim(consumer="w1", max_items=2, lease_seconds=30, wait=0)
         assert await queue.depth() == 5
         for claim in claims:
-            await queue.ack(claim)
+            await queue.ack_many([claim])
         assert await queue.depth() == 3
 
     async def test_at_least_once_with_concurrent_consumers(self, queue: Queue) -> None:
@@ -194,7 +194,7 @@ class QueueContract(_AnyioContract):
                     )
                     if claim.deliveries == 1 and claim.item_id.endswith("3"):
                         continue  # this consumer "dies": no ack, the lease runs out
-                    await queue.ack(claim)
+                    await queue.ack_many([claim])
                     acked.add(claim.item_id)
                 if acked == set(ids):
                     done.set()

@@ -18,7 +18,9 @@ from hypothesis.stateful import (
     rule,
 )
 
+from csvimg import ledger
 from csvimg.backends import Storage
+from csvimg.backends.memory import MemoryStorage
 from csvimg.jobs import (
     ITEM_TRANSITIONS,
     REQUEST_TRANSITIONS,
@@ -57,11 +59,22 @@ def _reachable(table: Any, current: Any, target: Any) -> bool:
     return any(target in table[middle] for middle in table[current])
 
 
-class StorageMachine(RuleBasedStateMachine):
-    """Hypothesis drives one request's items through start/extend/retry/finish.
+def _essence(item: Item) -> tuple[object, ...]:
+    return (
+        item.id, item.status, item.attempts, item.lease_until, item.output_key,
+        item.bytes_out, item.error_code,
+    )
 
-    A model of each item predicts every answer, and after every step the
-    invariants compare the backend with the model: counters equal the
+
+class StorageMachine(RuleBasedStateMachine):
+    """Hypothesis drives one request's items through start/extend/finish/sweep.
+
+    Two models check every step. The ledger itself (`csvimg.ledger`, run
+    on a `MemoryStorage`) gets the same operations at the same times: its
+    answers and its stored items must equal the backend's, so a backend
+    with its own form of the rules (Redis's Lua) cannot drift from them.
+    And a model of each item predicts every answer, and after every step the
+    invariants compare the backend with it: counters equal the
     finished items and never exceed the total, the request finishes exactly
     when every item did (COMPLETED unless all failed), exactly one call saw
     it finish, exactly one event is claimable once it did, and every status
@@ -84,6 +97,22 @@ class StorageMachine(RuleBasedStateMachine):
         self.seen_request = RequestStatus.PENDING
         self.started = False
         self.finishers = 0
+        self.ledger = MemoryStorage()
+
+    def both(self, op: ledger.Operation) -> ledger.Changes:
+        """Apply *op* to the backend and to the ledger's model; check the answers agree."""
+        got = self.call(self.storage.apply, op)
+        want = self.call(self.ledger.apply, op)
+        assert [(i.id, i.attempts, i.lease_until) for i in got.started] == [
+            (i.id, i.attempts, i.lease_until) for i in want.started
+        ], f"{type(op).__name__}: started differs from the ledger's"
+        assert [r.id for r in got.finished] == [r.id for r in want.finished], (
+            f"{type(op).__name__}: finished requests differ from the ledger's"
+        )
+        # The backend is shared by the examples; the model holds this one's only.
+        mine = {item.id for item in self.items}
+        assert sorted(set(got.ids) & mine) == sorted(want.ids), f"{type(op).__name__}: ids differ"
+        return got
 
     def call(self, fn: Callable[..., Coroutine[Any, Any, T]], *args: Any, **kwargs: Any) -> T:
         """Run ``await fn(*args, **kwargs)`` on the test's event loop."""
@@ -95,6 +124,7 @@ class StorageMachine(RuleBasedStateMachine):
         """Create a fresh request of up to 6 items."""
         request, row_list, items = sample_request(rows, per_row)
         self.call(self.storage.create_request, request, row_list)
+        self.call(self.ledger.create_request, request, row_list)
         self.request = request
         self.items = items
         self.model = [_ModelItem() for _ in items]
@@ -108,9 +138,9 @@ class StorageMachine(RuleBasedStateMachine):
     def start(self, index: int, live: bool) -> None:
         """Lease an item, with a long lease or one that ends at once."""
         item, m = self._pick(index)
-        got = self.call(
-            self.storage.start_item, item.id, lease_seconds=self.long_lease if live else 0.0
-        )
+        lease = self.long_lease if live else 0.0
+        started = self.both(ledger.StartItems((item.id,), at=now(), lease_seconds=lease)).started
+        got = started[0] if started else None
         if m.status.finished or (m.status is ItemStatus.PROCESSING and m.live_lease):
             assert got is None, f"start_item leased {m.status.value} item {item.id}"
         elif m.status is ItemStatus.PENDING:
@@ -128,24 +158,11 @@ class StorageMachine(RuleBasedStateMachine):
     def extend(self, index: int, live: bool) -> None:
         """Extend a lease: true exactly for PROCESSING items."""
         item, m = self._pick(index)
-        got = self.call(
-            self.storage.extend_lease, item.id, lease_seconds=self.long_lease if live else 0.0
-        )
+        lease = self.long_lease if live else 0.0
+        got = bool(self.both(ledger.ExtendLeases((item.id,), at=now(), lease_seconds=lease)).ids)
         assert got == (m.status is ItemStatus.PROCESSING)
         if got:
             m.live_lease = live
-
-    @precondition(lambda self: self.request is not None)
-    @rule(index=st.integers(0, 5))
-    def retry(self, index: int) -> None:
-        """Retry an item: true exactly for PROCESSING items."""
-        item, m = self._pick(index)
-        got = self.call(
-            self.storage.retry_item, item.id, error_code="timeout", error_message="slow"
-        )
-        assert got == (m.status is ItemStatus.PROCESSING)
-        if got:
-            m.status, m.live_lease = ItemStatus.PENDING, False
 
     @precondition(lambda self: self.request is not None)
     @rule(index=st.integers(0, 5), ok=st.booleans())
@@ -153,7 +170,9 @@ class StorageMachine(RuleBasedStateMachine):
         """Finish an item; only the call finishing the last item gets the request."""
         item, m = self._pick(index)
         seq = index % len(self.items)
-        got = self.call(self.storage.finish_item, item.id, _ok(seq) if ok else _failure(seq))
+        result = _ok(seq) if ok else _failure(seq)
+        finished = self.both(ledger.FinishItems([(item.id, result)], at=now())).finished
+        got = finished[0] if finished else None
         if m.status.finished:
             assert got is None, "a second finish_item of one item returned the request"
             return
@@ -172,12 +191,8 @@ class StorageMachine(RuleBasedStateMachine):
     def sweep(self, later: bool, pending: bool) -> None:
         """Sweep stale items: ended leases go back to PENDING."""
         at = now() + (2 * self.long_lease if later else 0.0)
-        got = self.call(
-            self.storage.stale_items,
-            now=at,
-            pending_before=FAR_FUTURE if pending else 0.0,
-            limit=1000,
-        )
+        op = ledger.Sweep(now=at, pending_before=FAR_FUTURE if pending else 0.0, limit=1000)
+        got = self.both(op).ids
         mine = {item.id: m for item, m in zip(self.items, self.model, strict=True)}
         for found in got:
             m = mine.get(found)
@@ -192,6 +207,45 @@ class StorageMachine(RuleBasedStateMachine):
                 assert item.id in got, f"stale_items missed forgotten item {item.id}"
             if m.status is ItemStatus.PROCESSING and later:
                 raise AssertionError(f"stale_items missed ended lease of {item.id}")
+
+    @precondition(lambda self: self.request is not None)
+    @rule(indexes=st.lists(st.integers(0, 5), min_size=1, max_size=4))
+    def start_or_give_up(self, indexes: list[int]) -> None:
+        """Start a batch with ``max_attempts`` 2: an item past it fails, and may finish all."""
+        picked = [self._pick(i) for i in indexes]
+        op = ledger.StartItems(
+            [item.id for item, _ in picked], at=now(), lease_seconds=self.long_lease,
+            max_attempts=2,
+        )
+        changes = self.both(op)
+        stored = {i.id: i for i in changes.items}
+        for item, m in dict((item.id, (item, m)) for item, m in picked).values():
+            after = stored.get(item.id)
+            if after is None:
+                continue
+            m.attempts = after.attempts
+            self.started = True
+            if after.status is ItemStatus.FAILED:
+                assert after.error_code == "too-many-attempts"
+                assert after.attempts > 2
+                m.status, m.live_lease = ItemStatus.FAILED, False
+            else:
+                m.status, m.live_lease = ItemStatus.PROCESSING, True
+        self.finishers += len(changes.finished)
+
+    @invariant()
+    def backend_matches_ledger(self) -> None:
+        """The backend stores what the ledger's model stores, item by item."""
+        if self.request is None:
+            return
+        got = self.call(self.storage.list_items, self.request.id, limit=100)
+        want = self.call(self.ledger.list_items, self.request.id, limit=100)
+        assert [_essence(i) for i in got] == [_essence(i) for i in want]
+        a = self.call(self.storage.get_request, self.request.id)
+        b = self.call(self.ledger.get_request, self.request.id)
+        assert a is not None
+        assert b is not None
+        assert (a.status, a.done, a.failed) == (b.status, b.done, b.failed)
 
     @invariant()
     def backend_matches_model(self) -> None:

@@ -25,18 +25,16 @@ How it stays correct with many workers on many hosts:
 
 * `PostgresStorage.create_request` writes the request, its rows and items
   in one transaction (rows and items with ``COPY``).
-* `PostgresStorage.finish_item` locks the item row (``SELECT ... FOR
-  UPDATE``), records the result, then locks the request row, applies
-  `csvimg.backends.memory.finish_outcome` (the completion rule every
-  backend shares) and, for the last item, writes the request's final
-  status and the outbox event, all in one transaction. Two finishers of
+* Every change of state after that is a `csvimg.ledger` operation:
+  `PostgresStorage.apply` reads and locks the rows it asks for (items
+  before their requests, each in id order, so transactions never wait on
+  each other in a circle), hands them to the ledger, which holds every
+  rule, and writes its answer in the same transaction. Two finishers of
   one request queue on the request row lock, so exactly one sees the last
-  item finish. Every transaction locks an item before its request, never
-  the other way round, so they cannot deadlock.
-* The sweeper (`PostgresStorage.stale_items`), the outbox
-  (`PostgresStorage.claim_events`) and the queue (`PostgresQueue.claim`)
-  pick rows with ``FOR UPDATE SKIP LOCKED``: any number of processes take
-  disjoint rows without waiting on each other.
+  item finish.
+* The sweep, the outbox and the queue (`PostgresQueue.claim`) pick rows
+  with ``FOR UPDATE SKIP LOCKED``: any number of processes take disjoint
+  rows without waiting on each other.
 * Times are the workers' clocks (epoch seconds, as in every csvimg
   backend): keep the hosts' clocks in sync (NTP), as leases compare them.
 
@@ -62,9 +60,7 @@ from csvimg import (
     Delivery,
     Event,
     Item,
-    ItemResult,
     ItemStatus,
-    NotFoundError,
     ProcessOptions,
     Request,
     RequestStatus,
@@ -73,10 +69,10 @@ from csvimg import (
     StorageError,
     Webhook,
     hookimpl,
+    ledger,
 )
 from csvimg.backends import Claim
-from csvimg.backends.memory import finish_outcome, lease_item, settle_item
-from csvimg.jobs import check_item, check_request, item_rows, now
+from csvimg.jobs import item_rows, now
 from psycopg import errors, pq, sql
 from psycopg.types.json import Jsonb
 
@@ -375,11 +371,23 @@ _ITEM_COLUMNS: Final = (
     "lease_until, updated_at"
 )
 _EVENT_COLUMNS: Final = (
-    "id, type, request_id, created_at, owner, callback_url, attempts, next_attempt_at"
+    "id, type, request_id, created_at, owner, callback_url, attempts, next_attempt_at, "
+    "lease_until"
 )
 # Built from the constant column lists above only; every value is a bound parameter.
 _SELECT_REQUESTS: Final = f"SELECT {_REQUEST_COLUMNS} FROM requests"  # noqa: S608
 _SELECT_ITEMS: Final = f"SELECT {_ITEM_COLUMNS} FROM items"  # noqa: S608
+_SELECT_EVENTS: Final = f"SELECT {_EVENT_COLUMNS} FROM events"  # noqa: S608
+# The statuses are literals so that the partial indexes items_leased and
+# items_pending serve these.
+_SELECT_EXPIRED: Final = (
+    _SELECT_ITEMS + " WHERE status = 'PROCESSING' AND lease_until < %s"
+    " ORDER BY lease_until LIMIT %s FOR UPDATE SKIP LOCKED"
+)
+_SELECT_FORGOTTEN: Final = (
+    _SELECT_ITEMS + " WHERE status = 'PENDING' AND updated_at < %s"
+    " ORDER BY updated_at LIMIT %s FOR UPDATE SKIP LOCKED"
+)
 
 
 def _request_from(r: Sequence[Any]) -> Request:
@@ -432,6 +440,7 @@ def _event_from(r: Sequence[Any]) -> Event:
         callback_url=r[5],
         attempts=r[6],
         next_attempt_at=r[7],
+        lease_until=r[8],
     )
 
 
@@ -439,66 +448,94 @@ def _webhook_from(r: Sequence[Any]) -> Webhook:
     return Webhook(id=r[0], url=r[1], secret=r[2], created_at=r[3], owner=r[4], active=r[5])
 
 
-async def _get_item(
-    conn: psycopg.AsyncConnection[Any], item_id: str, *, lock: bool = False
-) -> Item | None:
-    query = _SELECT_ITEMS + " WHERE id = %s" + (" FOR UPDATE" if lock else "")
-    cur = await conn.execute(query, (item_id,))
+async def _get_item(conn: psycopg.AsyncConnection[Any], item_id: str) -> Item | None:
+    cur = await conn.execute(_SELECT_ITEMS + " WHERE id = %s", (item_id,))
     row = await cur.fetchone()
     return None if row is None else _item_from(row)
 
 
-async def _save_item(conn: psycopg.AsyncConnection[Any], item: Item) -> None:
-    await conn.execute(
-        "UPDATE items SET status = %s, attempts = %s, lease_until = %s, output_key = %s, "
-        "content_type = %s, bytes_in = %s, bytes_out = %s, width = %s, height = %s, "
-        "error_code = %s, error_message = %s, updated_at = %s WHERE id = %s",
-        (
-            item.status.value,
-            item.attempts,
-            item.lease_until,
-            item.output_key,
-            item.content_type,
-            item.bytes_in,
-            item.bytes_out,
-            item.width,
-            item.height,
-            item.error_code,
-            item.error_message,
-            item.updated_at,
-            item.id,
-        ),
-    )
+async def _read(conn: psycopg.AsyncConnection[Any], reads: ledger.Reads) -> ledger.State:
+    """Read and lock what a ledger operation asks for.
 
-
-async def _lock_items(
-    conn: psycopg.AsyncConnection[Any], item_ids: Sequence[str]
-) -> dict[str, Item]:
-    """Lock the rows of *item_ids* (the known ones) in id order; return them by id."""
-    cur = await conn.execute(
-        _SELECT_ITEMS + " WHERE id = ANY(%s) ORDER BY id FOR UPDATE",
-        (sorted(set(item_ids)),),
-    )
-    return {item.id: item for item in map(_item_from, await cur.fetchall())}
-
-
-async def _save_items(conn: psycopg.AsyncConnection[Any], items: Sequence[Item]) -> None:
-    if not items:
-        return
-    async with conn.cursor() as cur:
-        await cur.executemany(
-            "UPDATE items SET status = %s, attempts = %s, lease_until = %s, output_key = %s, "
-            "content_type = %s, bytes_in = %s, bytes_out = %s, width = %s, height = %s, "
-            "error_code = %s, error_message = %s, updated_at = %s WHERE id = %s",
-            [
-                (
-                    i.status.value, i.attempts, i.lease_until, i.output_key, i.content_type,
-                    i.bytes_in, i.bytes_out, i.width, i.height, i.error_code, i.error_message,
-                    i.updated_at, i.id,
-                )
-                for i in items
-            ],
+    Items are locked before their requests, each in id order, so two
+    transactions never wait on each other in a circle; the sweep and the
+    outbox skip rows another transaction holds (``SKIP LOCKED``), so any
+    number of sweepers take disjoint rows.
+    """
+    items: dict[str, Item] = {}
+    if reads.item_ids:
+        cur = await conn.execute(
+            _SELECT_ITEMS + " WHERE id = ANY(%s) ORDER BY id FOR UPDATE",
+            (sorted(reads.item_ids),),
         )
+        items.update((i.id, i) for i in map(_item_from, await cur.fetchall()))
+    if reads.stale is not None:
+        q = reads.stale
+        for query, bound in ((_SELECT_EXPIRED, q.now), (_SELECT_FORGOTTEN, q.pending_before)):
+            cur = await conn.execute(query, (bound, q.limit))
+            items.update((i.id, i) for i in map(_item_from, await cur.fetchall()))
+    events: dict[str, Event] = {}
+    if reads.event_ids:
+        cur = await conn.execute(
+            _SELECT_EVENTS + " WHERE id = ANY(%s) ORDER BY id FOR UPDATE", (list(reads.event_ids),)
+        )
+        events.update((e.id, e) for e in map(_event_from, await cur.fetchall()))
+    if reads.due is not None:
+        cur = await conn.execute(
+            _SELECT_EVENTS + " WHERE next_attempt_at IS NOT NULL AND next_attempt_at <= %(now)s"
+            " AND (lease_until IS NULL OR lease_until <= %(now)s)"
+            " ORDER BY created_at, seqno LIMIT %(limit)s FOR UPDATE SKIP LOCKED",
+            {"now": reads.due.now, "limit": reads.due.limit},
+        )
+        events.update((e.id, e) for e in map(_event_from, await cur.fetchall()))
+    lock = " FOR UPDATE" if reads.item_ids else ""
+    cur = await conn.execute(
+        _SELECT_REQUESTS + " WHERE id = ANY(%s) ORDER BY id" + lock,
+        (sorted({i.request_id for i in items.values()}),),
+    )
+    requests = {r.id: r for r in map(_request_from, await cur.fetchall())}
+    return ledger.State(items=items, requests=requests, events=events)
+
+
+async def _write(conn: psycopg.AsyncConnection[Any], changes: ledger.Changes) -> None:
+    """Write what a ledger operation decided (items and requests exist; events upsert)."""
+    async with conn.cursor() as cur:
+        if changes.items:
+            await cur.executemany(
+                "UPDATE items SET status = %s, attempts = %s, lease_until = %s, "
+                "output_key = %s, content_type = %s, bytes_in = %s, bytes_out = %s, "
+                "width = %s, height = %s, error_code = %s, error_message = %s, "
+                "updated_at = %s WHERE id = %s",
+                [
+                    (
+                        i.status.value, i.attempts, i.lease_until, i.output_key,
+                        i.content_type, i.bytes_in, i.bytes_out, i.width, i.height,
+                        i.error_code, i.error_message, i.updated_at, i.id,
+                    )
+                    for i in changes.items
+                ],
+            )
+        if changes.requests:
+            await cur.executemany(
+                "UPDATE requests SET status = %s, done = %s, failed = %s, updated_at = %s "
+                "WHERE id = %s",
+                [(r.status.value, r.done, r.failed, r.updated_at, r.id) for r in changes.requests],
+            )
+        if changes.events:
+            await cur.executemany(
+                "INSERT INTO events (id, type, request_id, owner, callback_url, created_at, "
+                "attempts, next_attempt_at, lease_until) "
+                "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s) ON CONFLICT (id) DO UPDATE SET "
+                "attempts = EXCLUDED.attempts, next_attempt_at = EXCLUDED.next_attempt_at, "
+                "lease_until = EXCLUDED.lease_until",
+                [
+                    (
+                        e.id, e.type, e.request_id, e.owner, e.callback_url, e.created_at,
+                        e.attempts, e.next_attempt_at, e.lease_until,
+                    )
+                    for e in changes.events
+                ],
+            )
 
 
 class PostgresStorage:
@@ -640,220 +677,18 @@ class PostgresStorage:
         async with self._pool.connection() as conn:
             return await _get_item(conn, item_id)
 
-    # -- leasing ----------------------------------------------------------------
+    # -- the job's state changes ---------------------------------------------------
 
-    async def start_item(self, item_id: str, *, lease_seconds: float) -> Item | None:
-        """Lease the item (see the protocol): item row locked, then the request's."""
+    # --8<-- [start:apply]
+    async def apply(self, op: ledger.Operation) -> ledger.Changes:
+        """Apply a ledger operation in one transaction (see `csvimg.backends.Storage`)."""
         async with self._pool.transaction() as conn:
-            item = await _get_item(conn, item_id, lock=True)
-            at = now()
-            # A lease that ran out (its worker died) is taken over.
-            item = lease_item(item, at=at, lease_seconds=lease_seconds)
-            if item is None:
-                return None
-            await _save_item(conn, item)
-            check_request(RequestStatus.PENDING, RequestStatus.PROCESSING)
-            await conn.execute(
-                "UPDATE requests SET status = %s, updated_at = %s WHERE id = %s AND status = %s",
-                (RequestStatus.PROCESSING.value, at, item.request_id, RequestStatus.PENDING.value),
-            )
-            return item
+            changes = op.decide(await _read(conn, op.reads))
+            if not changes.empty:
+                await _write(conn, changes)
+            return changes
 
-    async def extend_lease(self, item_id: str, *, lease_seconds: float) -> bool:
-        """Push a PROCESSING item's lease forward."""
-        async with self._pool.connection() as conn:
-            cur = await conn.execute(
-                "UPDATE items SET lease_until = %s WHERE id = %s AND status = %s",
-                (now() + lease_seconds, item_id, ItemStatus.PROCESSING.value),
-            )
-            return cur.rowcount > 0
-
-    async def start_items(self, item_ids: Sequence[str], *, lease_seconds: float) -> list[Item]:
-        """Lease many items in one transaction: item rows locked (in id order), then requests."""
-        if not item_ids:
-            return []
-        async with self._pool.transaction() as conn:
-            found = await _lock_items(conn, item_ids)
-            at = now()
-            started: list[Item] = []
-            for item_id in item_ids:
-                item = lease_item(found.get(item_id), at=at, lease_seconds=lease_seconds)
-                if item is None:
-                    continue
-                found[item_id] = item
-                started.append(item)
-            await _save_items(conn, started)
-            check_request(RequestStatus.PENDING, RequestStatus.PROCESSING)
-            await conn.execute(
-                "UPDATE requests SET status = %s, updated_at = %s "
-                "WHERE id = ANY(%s) AND status = %s",
-                (
-                    RequestStatus.PROCESSING.value,
-                    at,
-                    sorted({i.request_id for i in started}),
-                    RequestStatus.PENDING.value,
-                ),
-            )
-            return started
-
-    async def extend_leases(self, item_ids: Sequence[str], *, lease_seconds: float) -> list[str]:
-        """Push the leases of the PROCESSING items among *item_ids*: one statement."""
-        if not item_ids:
-            return []
-        async with self._pool.connection() as conn:
-            cur = await conn.execute(
-                "UPDATE items SET lease_until = %s WHERE id = ANY(%s) AND status = %s "
-                "RETURNING id",
-                (now() + lease_seconds, list(item_ids), ItemStatus.PROCESSING.value),
-            )
-            extended = {r[0] for r in await cur.fetchall()}
-        return [i for i in dict.fromkeys(item_ids) if i in extended]
-
-    async def retry_item(self, item_id: str, *, error_code: str, error_message: str) -> bool:
-        """Move PROCESSING -> PENDING, keeping the error for the record."""
-        async with self._pool.transaction() as conn:
-            item = await _get_item(conn, item_id, lock=True)
-            if item is None or item.status is not ItemStatus.PROCESSING:
-                return False
-            await _save_item(
-                conn,
-                item.with_status(
-                    ItemStatus.PENDING,
-                    lease_until=None,
-                    error_code=error_code,
-                    error_message=error_message,
-                ),
-            )
-            return True
-
-    # The "--8<--" comments mark the code that docs/plugins.md shows.
-    # --8<-- [start:finish_item]
-    async def finish_item(self, item_id: str, result: ItemResult) -> Request | None:
-        """Record the outcome, bump counters, maybe finish the request: one transaction."""
-        async with self._pool.transaction() as conn:
-            item = await _get_item(conn, item_id, lock=True)
-            at = now()
-            if item is None or item.status.finished:
-                return None  # idempotent: a second finish changes nothing
-            await _save_item(conn, settle_item(item, result, at=at))
-            # The serialisation point: concurrent finishers of this request
-            # wait here, and each then reads the counters the last one wrote.
-            cur = await conn.execute(
-                _SELECT_REQUESTS + " WHERE id = %s FOR UPDATE", (item.request_id,)
-            )
-            row = await cur.fetchone()
-            if row is None:  # pragma: no cover - the foreign key keeps them together
-                raise StorageError(f"item {item_id} has no request {item.request_id}")
-            request = _request_from(row)
-            updated, event = finish_outcome(request, result, at)
-            await conn.execute(
-                "UPDATE requests SET done = %s, failed = %s, status = %s, updated_at = %s "
-                "WHERE id = %s",
-                (updated.done, updated.failed, updated.status.value, at, request.id),
-            )
-            if event is None:
-                return None
-            await conn.execute(
-                "INSERT INTO events (id, type, request_id, owner, callback_url, created_at, "
-                "attempts, next_attempt_at) VALUES (%s, %s, %s, %s, %s, %s, %s, %s)",
-                (
-                    event.id,
-                    event.type,
-                    event.request_id,
-                    event.owner,
-                    event.callback_url,
-                    event.created_at,
-                    event.attempts,
-                    event.next_attempt_at,
-                ),
-            )
-            return updated
-
-    # --8<-- [end:finish_item]
-
-    async def finish_items(self, results: Sequence[tuple[str, ItemResult]]) -> list[Request]:
-        """`finish_item` for every pair in one transaction: items locked, then requests.
-
-        Rows are locked in id order (items first, then requests, as every
-        transaction here does), so concurrent batches cannot deadlock.
-        """
-        if not results:
-            return []
-        async with self._pool.transaction() as conn:
-            items = await _lock_items(conn, [i for i, _ in results])
-            at = now()
-            settled: dict[str, tuple[Item, ItemResult]] = {}
-            for item_id, result in results:
-                item = items.get(item_id)
-                if item is None or item.status.finished or item_id in settled:
-                    continue
-                settled[item_id] = (settle_item(item, result, at=at), result)
-            if not settled:
-                return []
-            await _save_items(conn, [item for item, _ in settled.values()])
-            cur = await conn.execute(
-                _SELECT_REQUESTS + " WHERE id = ANY(%s) ORDER BY id FOR UPDATE",
-                (sorted({item.request_id for item, _ in settled.values()}),),
-            )
-            requests = {r.id: r for r in map(_request_from, await cur.fetchall())}
-            finished: list[Request] = []
-            events: list[Event] = []
-            for item, result in settled.values():
-                updated, event = finish_outcome(requests[item.request_id], result, at)
-                requests[updated.id] = updated
-                if event is not None:
-                    finished.append(updated)
-                    events.append(event)
-            async with conn.cursor() as cur:
-                await cur.executemany(
-                    "UPDATE requests SET done = %s, failed = %s, status = %s, updated_at = %s "
-                    "WHERE id = %s",
-                    [(r.done, r.failed, r.status.value, at, r.id) for r in requests.values()],
-                )
-                await cur.executemany(
-                    "INSERT INTO events (id, type, request_id, owner, callback_url, created_at, "
-                    "attempts, next_attempt_at) VALUES (%s, %s, %s, %s, %s, %s, %s, %s)",
-                    [
-                        (e.id, e.type, e.request_id, e.owner, e.callback_url, e.created_at,
-                         e.attempts, e.next_attempt_at)
-                        for e in events
-                    ],
-                )
-            return finished
-
-    async def stale_items(self, *, now: float, pending_before: float, limit: int) -> list[str]:
-        """Take back ended leases, touch forgotten PENDING items; return their ids.
-
-        One transaction; ``SKIP LOCKED`` so that several sweepers (and
-        workers finishing items right now) never wait on each other.
-        """
-        async with self._pool.transaction() as conn:
-            # Both selections before any update: an item moved back to
-            # PENDING here must not also be picked as a forgotten PENDING one.
-            cur = await conn.execute(
-                "SELECT id FROM items WHERE status = %s AND lease_until < %s "
-                "ORDER BY lease_until LIMIT %s FOR UPDATE SKIP LOCKED",
-                (ItemStatus.PROCESSING.value, now, limit),
-            )
-            expired = [r[0] for r in await cur.fetchall()]
-            cur = await conn.execute(
-                "SELECT id FROM items WHERE status = %s AND updated_at < %s "
-                "ORDER BY updated_at LIMIT %s FOR UPDATE SKIP LOCKED",
-                (ItemStatus.PENDING.value, pending_before, max(0, limit - len(expired))),
-            )
-            forgotten = [r[0] for r in await cur.fetchall()]
-            if expired:
-                check_item(ItemStatus.PROCESSING, ItemStatus.PENDING)
-                await conn.execute(
-                    "UPDATE items SET status = %s, lease_until = NULL, updated_at = %s "
-                    "WHERE id = ANY(%s)",
-                    (ItemStatus.PENDING.value, now, expired),
-                )
-            if forgotten:
-                await conn.execute(
-                    "UPDATE items SET updated_at = %s WHERE id = ANY(%s)", (now, forgotten)
-                )
-            return expired + forgotten
+    # --8<-- [end:apply]
 
     # -- webhooks, outbox, deliveries ---------------------------------------------
 
@@ -900,36 +735,6 @@ class PostgresStorage:
                 (webhook_id, owner),
             )
             return cur.rowcount > 0
-
-    async def claim_events(self, *, now: float, limit: int, lease_seconds: float) -> list[Event]:
-        """Lease up to *limit* due, undelivered events, oldest first."""
-        async with self._pool.connection() as conn:
-            cur = await conn.execute(
-                "WITH due AS ("
-                "  SELECT id FROM events WHERE next_attempt_at IS NOT NULL"
-                "  AND next_attempt_at <= %(now)s"
-                "  AND (lease_until IS NULL OR lease_until <= %(now)s)"
-                "  ORDER BY created_at, seqno LIMIT %(limit)s FOR UPDATE SKIP LOCKED"
-                ") UPDATE events e SET lease_until = %(until)s FROM due WHERE e.id = due.id "
-                "RETURNING e.id, e.type, e.request_id, e.created_at, e.owner, e.callback_url, "
-                "e.attempts, e.next_attempt_at, e.seqno",
-                {"now": now, "limit": limit, "until": now + lease_seconds},
-            )
-            rows = await cur.fetchall()
-        # RETURNING keeps no order: sort as the CTE picked them.
-        rows.sort(key=lambda r: (r[3], r[8]))
-        return [_event_from(r) for r in rows]
-
-    async def reschedule_event(self, event_id: str, *, next_attempt_at: float | None) -> None:
-        """Count the round and schedule the next (None: delivered, never claimed again)."""
-        async with self._pool.connection() as conn:
-            cur = await conn.execute(
-                "UPDATE events SET attempts = attempts + 1, next_attempt_at = %s, "
-                "lease_until = NULL WHERE id = %s",
-                (next_attempt_at, event_id),
-            )
-            if cur.rowcount == 0:
-                raise NotFoundError(f"no event {event_id}")
 
     async def add_delivery(self, request_id: str, delivery: Delivery) -> None:
         """Append one attempt to the request's log."""
@@ -1107,38 +912,6 @@ class PostgresQueue:
             with anyio.move_on_after(sleep):
                 await self._wakeup.wait()
 
-    async def _update(self, claim: Claim, query: str, *params: Any) -> None:
-        rid = _token_row(claim.token)
-        if rid is None:
-            return
-        async with self._pool.connection() as conn:
-            await conn.execute(query, (*params, rid, claim.token))
-
-    async def ack(self, claim: Claim) -> None:
-        """Delete the id, if this claim still holds it."""
-        await self._update(claim, "DELETE FROM queue_entries WHERE id = %s AND lease_token = %s")
-
-    async def release(self, claim: Claim, *, delay: float = 0.0) -> None:
-        """Hand the id back, ready again after *delay* seconds."""
-        await self._update(
-            claim,
-            "UPDATE queue_entries SET lease_token = NULL, lease_until = NULL, consumer = NULL, "
-            "available_at = %s WHERE id = %s AND lease_token = %s",
-            now() + delay,
-        )
-        self._wake()
-
-    async def extend(self, claim: Claim, *, lease_seconds: float) -> None:
-        """Hold the id *lease_seconds* more, if this claim still holds it."""
-        until = now() + lease_seconds
-        await self._update(
-            claim,
-            "UPDATE queue_entries SET lease_until = %s, available_at = %s "
-            "WHERE id = %s AND lease_token = %s",
-            until,
-            until,
-        )
-
     @staticmethod
     def _rows(claims: Sequence[Claim]) -> tuple[list[int], list[str]]:
         held = [(rid, c.token) for c in claims if (rid := _token_row(c.token)) is not None]
@@ -1156,6 +929,21 @@ class PostgresQueue:
                 "WHERE q.id = t.id AND q.lease_token = t.token",
                 (ids, tokens),
             )
+
+    async def release_many(self, claims: Sequence[Claim], *, delay: float = 0.0) -> None:
+        """Hand the ids these claims still hold back, ready after *delay* seconds."""
+        ids, tokens = self._rows(claims)
+        if not ids:
+            return
+        async with self._pool.connection() as conn:
+            await conn.execute(
+                "UPDATE queue_entries q SET lease_token = NULL, lease_until = NULL, "
+                "consumer = NULL, available_at = %s "
+                "FROM unnest(%s::bigint[], %s::text[]) AS t(id, token) "
+                "WHERE q.id = t.id AND q.lease_token = t.token",
+                (now() + delay, ids, tokens),
+            )
+        self._wake()
 
     async def extend_many(self, claims: Sequence[Claim], *, lease_seconds: float) -> None:
         """Hold the ids these claims still hold *lease_seconds* more: one statement."""

@@ -1,7 +1,8 @@
 """Conversions between SQLite rows and `csvimg.jobs` values, and the per-item statements.
 
-`_start` and `_finish` are the steps `SqliteStorage` runs inside its write
-transactions, one item at a time (several per transaction for the batch calls).
+`_read` and `_write` are the two halves of `SqliteStorage.apply`: what a
+`csvimg.ledger` operation reads and what it decided, inside one write
+transaction.
 """
 
 from __future__ import annotations
@@ -12,19 +13,22 @@ from collections.abc import Iterator, Sequence
 from json.encoder import encode_basestring_ascii
 from typing import Any
 
-from csvimg._errors import StorageError
-from csvimg.backends.memory import finish_outcome, lease_item, settle_item
-from csvimg.backends.sqlite._schema import _SELECT_ITEMS, _SELECT_REQUESTS
+from csvimg import ledger
+from csvimg.backends.sqlite._schema import (
+    _SELECT_EVENTS,
+    _SELECT_EXPIRED,
+    _SELECT_FORGOTTEN,
+    _SELECT_ITEMS,
+    _SELECT_REQUESTS,
+)
 from csvimg.jobs import (
     Event,
     Item,
-    ItemResult,
     ItemStatus,
     ProcessOptions,
     Request,
     RequestStatus,
     Row,
-    check_request,
 )
 
 
@@ -101,6 +105,7 @@ def _event_from(row: tuple[Any, ...]) -> Event:
         callback_url=row[5],
         attempts=row[6],
         next_attempt_at=row[7],
+        lease_until=row[8],
     )
 
 
@@ -114,91 +119,80 @@ def _get_request(conn: sqlite3.Connection, request_id: str) -> Request | None:
     return None if row is None else _request_from(row)
 
 
-def _save_item(conn: sqlite3.Connection, item: Item) -> None:
-    conn.execute(
+def _by_ids(conn: sqlite3.Connection, select: str, ids: Sequence[str]) -> list[Any]:
+    """Rows of *select* (a ``SELECT ... FROM t``) whose ``id`` is among *ids*."""
+    rows: list[Any] = []
+    for first in range(0, len(ids), _IDS_PER_SELECT):
+        chunk = ids[first : first + _IDS_PER_SELECT]
+        marks = ", ".join("?" * len(chunk))
+        rows += conn.execute(f"{select} WHERE id IN ({marks})", chunk).fetchall()
+    return rows
+
+
+_IDS_PER_SELECT = 500
+"""Ids per ``IN (...)`` of `_by_ids` (well under SQLite's limit of bound variables)."""
+
+
+def _read(conn: sqlite3.Connection, reads: ledger.Reads) -> ledger.State:
+    """What a ledger operation asks for, inside the caller's write transaction."""
+    found = _by_ids(conn, _SELECT_ITEMS, reads.item_ids)
+    items = {item.id: item for item in map(_item_from, found)}
+    if reads.stale is not None:
+        q = reads.stale
+        # The statuses are literals in these statements, not parameters:
+        # only then may SQLite use the partial indexes items_leased and
+        # items_pending.
+        for row in conn.execute(_SELECT_EXPIRED, (q.now, q.limit)):
+            items[row[0]] = _item_from(row)
+        forgotten = [r[0] for r in conn.execute(_SELECT_FORGOTTEN, (q.pending_before, q.limit))]
+        for item in map(_item_from, _by_ids(conn, _SELECT_ITEMS, forgotten)):
+            items[item.id] = item
+    events = {e.id: e for e in map(_event_from, _by_ids(conn, _SELECT_EVENTS, reads.event_ids))}
+    if reads.due is not None:
+        for row in conn.execute(
+            _SELECT_EVENTS + " WHERE next_attempt_at IS NOT NULL AND next_attempt_at <= ?1 "
+            "AND (lease_until IS NULL OR lease_until <= ?1) ORDER BY created_at, rowid LIMIT ?2",
+            (reads.due.now, reads.due.limit),
+        ):
+            events[row[0]] = _event_from(row)
+    request_ids = list(dict.fromkeys(item.request_id for item in items.values()))
+    requests = {r.id: r for r in map(_request_from, _by_ids(conn, _SELECT_REQUESTS, request_ids))}
+    return ledger.State(items=items, requests=requests, events=events)
+
+
+def _write(conn: sqlite3.Connection, changes: ledger.Changes) -> None:
+    """Write what a ledger operation decided, inside the caller's write transaction.
+
+    Items and requests exist already (`create_request` made them): they are
+    updated. Events are new or updated: insert or replace.
+    """
+    conn.executemany(
         "UPDATE items SET status = ?, attempts = ?, lease_until = ?, output_key = ?, "
         "content_type = ?, bytes_in = ?, bytes_out = ?, width = ?, height = ?, "
         "error_code = ?, error_message = ?, updated_at = ? WHERE id = ?",
-        (
-            item.status.value,
-            item.attempts,
-            item.lease_until,
-            item.output_key,
-            item.content_type,
-            item.bytes_in,
-            item.bytes_out,
-            item.width,
-            item.height,
-            item.error_code,
-            item.error_message,
-            item.updated_at,
-            item.id,
-        ),
+        [
+            (
+                item.status.value, item.attempts, item.lease_until, item.output_key,
+                item.content_type, item.bytes_in, item.bytes_out, item.width, item.height,
+                item.error_code, item.error_message, item.updated_at, item.id,
+            )
+            for item in changes.items
+        ],
     )
-
-
-def _start(
-    conn: sqlite3.Connection, item_id: str, at: float, lease_seconds: float
-) -> Item | None:
-    """Lease one item inside the caller's write transaction (see `Storage.start_item`)."""
-    # A lease that ran out (its worker died) is taken over.
-    item = lease_item(_get_item(conn, item_id), at=at, lease_seconds=lease_seconds)
-    if item is None:
-        return None
-    _save_item(conn, item)
-    row = conn.execute("SELECT status FROM requests WHERE id = ?", (item.request_id,)).fetchone()
-    if row is not None and row[0] == RequestStatus.PENDING.value:
-        check_request(RequestStatus.PENDING, RequestStatus.PROCESSING)
-        conn.execute(
-            "UPDATE requests SET status = ?, updated_at = ? WHERE id = ?",
-            (RequestStatus.PROCESSING.value, at, item.request_id),
-        )
-    return item
-
-
-def _finish(
-    conn: sqlite3.Connection, item_id: str, result: ItemResult, at: float
-) -> Request | None:
-    """Record one outcome inside the caller's write transaction (see `Storage.finish_item`).
-
-    The write transaction makes the read-modify-write of the counters safe
-    across threads and processes: only one caller can see the last item finish.
-    """
-    item = _get_item(conn, item_id)
-    if item is None or item.status.finished:
-        return None
-    _save_item(conn, settle_item(item, result, at=at))
-    request = _get_request(conn, item.request_id)
-    if request is None:  # pragma: no cover - items never outlive requests
-        raise StorageError(f"item {item_id} has no request {item.request_id}")
-    updated, event = finish_outcome(request, result, at)
-    # Relative increments, although the write lock makes them equal to
-    # `updated`'s values: they stay right even if someone edits by hand.
-    conn.execute(
-        "UPDATE requests SET done = done + ?, failed = failed + ?, status = ?, "
-        "updated_at = ? WHERE id = ?",
-        (
-            updated.done - request.done,
-            updated.failed - request.failed,
-            updated.status.value,
-            at,
-            request.id,
-        ),
+    conn.executemany(
+        "UPDATE requests SET status = ?, done = ?, failed = ?, updated_at = ? WHERE id = ?",
+        [(r.status.value, r.done, r.failed, r.updated_at, r.id) for r in changes.requests],
     )
-    if event is None:
-        return None
-    conn.execute(
-        "INSERT INTO events (id, type, request_id, owner, callback_url, created_at, "
-        "attempts, next_attempt_at, lease_until) VALUES (?, ?, ?, ?, ?, ?, ?, ?, NULL)",
-        (
-            event.id,
-            event.type,
-            event.request_id,
-            event.owner,
-            event.callback_url,
-            event.created_at,
-            event.attempts,
-            event.next_attempt_at,
-        ),
+    conn.executemany(
+        "INSERT OR REPLACE INTO events (id, type, request_id, owner, callback_url, created_at, "
+        "attempts, next_attempt_at, lease_until) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) "
+        "ON CONFLICT (id) DO UPDATE SET attempts = excluded.attempts, "
+        "next_attempt_at = excluded.next_attempt_at, lease_until = excluded.lease_until",
+        [
+            (
+                e.id, e.type, e.request_id, e.owner, e.callback_url, e.created_at,
+                e.attempts, e.next_attempt_at, e.lease_until,
+            )
+            for e in changes.events
+        ],
     )
-    return updated

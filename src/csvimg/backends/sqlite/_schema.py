@@ -144,7 +144,8 @@ _ITEM_COLUMNS = (
     "bytes_in, bytes_out, width, height, error_code, error_message, lease_until, updated_at"
 )
 _EVENT_COLUMNS = (
-    "id, type, request_id, created_at, owner, callback_url, attempts, next_attempt_at"
+    "id, type, request_id, created_at, owner, callback_url, attempts, next_attempt_at, "
+    "lease_until"
 )
 # Built from the constant column lists above only; every value is a bound parameter.
 _SELECT_REQUESTS = f"SELECT {_REQUEST_COLUMNS} FROM requests"  # noqa: S608

@@ -7,7 +7,6 @@ import sqlite3
 import uuid
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import anyio
 
@@ -206,31 +205,21 @@ class SqliteQueue:
             if self._wal_state() != before:
                 return
 
-    async def _update(self, claim: Claim, sql: str, *params: Any) -> None:
-        rid = _token_row(claim.token)
-        if rid is None:
+    async def release_many(self, claims: Sequence[Claim], *, delay: float = 0.0) -> None:
+        """Hand the ids these claims still hold back, ready again after *delay* seconds."""
+        rows = [(rid, c.token) for c in claims if (rid := _token_row(c.token)) is not None]
+        if not rows:
             return
+        at = now() + delay
         await self._db.write(
-            lambda conn: conn.execute(sql, (*params, rid, claim.token)), short=True
-        )
-
-    async def ack(self, claim: Claim) -> None:
-        """Delete the id, if this claim still holds it."""
-        await self._update(claim, "DELETE FROM queue WHERE id = ? AND lease_token = ?")
-
-    async def release(self, claim: Claim, *, delay: float = 0.0) -> None:
-        """Hand the id back, ready again after *delay* seconds."""
-        await self._update(
-            claim,
-            "UPDATE queue SET lease_token = NULL, lease_until = NULL, consumer = NULL, "
-            "available_at = ? WHERE id = ? AND lease_token = ?",
-            now() + delay,
+            lambda conn: conn.executemany(
+                "UPDATE queue SET lease_token = NULL, lease_until = NULL, consumer = NULL, "
+                "available_at = ? WHERE id = ? AND lease_token = ?",
+                ((at, rid, token) for rid, token in rows),
+            ),
+            short=True,
         )
         self._wake()
-
-    async def extend(self, claim: Claim, *, lease_seconds: float) -> None:
-        """Hold the id *lease_seconds* more, if this claim still holds it."""
-        await self.extend_many([claim], lease_seconds=lease_seconds)
 
     async def ack_many(self, claims: Sequence[Claim]) -> None:
         """Delete the ids these claims still hold: one transaction."""

@@ -6,43 +6,36 @@ import json
 import os
 import sqlite3
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 
-from csvimg._errors import NotFoundError, StorageError
+from csvimg import ledger
+from csvimg._errors import StorageError
 from csvimg.backends.sqlite._database import DEFAULT_BUSY_TIMEOUT, _Database, parse_sqlite_url
 from csvimg.backends.sqlite._rows import (
-    _event_from,
-    _finish,
     _get_item,
     _get_request,
     _item_from,
+    _read,
     _request_from,
     _row_values,
-    _save_item,
-    _start,
+    _write,
 )
 from csvimg.backends.sqlite._schema import (
     _DERIVE_ITEMS,
     _INSERT_REQUEST,
     _LIST_ITEMS,
-    _SELECT_EVENTS,
-    _SELECT_EXPIRED,
-    _SELECT_FORGOTTEN,
     _SELECT_REQUESTS,
     _STORAGE_SCHEMA,
     _sql_items_available,
 )
 from csvimg.jobs import (
     Delivery,
-    Event,
     Item,
-    ItemResult,
-    ItemStatus,
     Request,
     Row,
     Webhook,
     item_rows,
-    now,
 )
 from csvimg.settings import Settings
 
@@ -227,115 +220,18 @@ class SqliteStorage:
         """Return the item or None (read on the event loop: see `_Database.read`)."""
         return await self._db.read(lambda conn: _get_item(conn, item_id))
 
-    async def start_item(self, item_id: str, *, lease_seconds: float) -> Item | None:
-        """Lease the item (see the protocol), in one write transaction."""
-        return await self._db.write(
-            lambda conn: _start(conn, item_id, now(), lease_seconds), short=True
-        )
+    async def apply(self, op: ledger.Operation) -> ledger.Changes:
+        """Apply a ledger operation in one write transaction (see the protocol).
 
-    async def start_items(self, item_ids: Sequence[str], *, lease_seconds: float) -> list[Item]:
-        """Lease many items in one write transaction; return those that started."""
-        if not item_ids:
-            return []
-
-        def start(conn: sqlite3.Connection) -> list[Item]:
-            at = now()
-            started = (_start(conn, i, at, lease_seconds) for i in item_ids)
-            return [item for item in started if item is not None]
-
-        return await self._db.write(start, short=True)
-
-    async def extend_lease(self, item_id: str, *, lease_seconds: float) -> bool:
-        """Push a PROCESSING item's lease forward."""
-        return bool(await self.extend_leases([item_id], lease_seconds=lease_seconds))
-
-    async def extend_leases(self, item_ids: Sequence[str], *, lease_seconds: float) -> list[str]:
-        """Push the leases of the PROCESSING items among *item_ids* forward: one transaction."""
-        if not item_ids:
-            return []
-
-        def extend(conn: sqlite3.Connection) -> list[str]:
-            until = now() + lease_seconds
-            extended = []
-            for item_id in item_ids:
-                cur = conn.execute(
-                    "UPDATE items SET lease_until = ? WHERE id = ? AND status = ?",
-                    (until, item_id, ItemStatus.PROCESSING.value),
-                )
-                if cur.rowcount > 0:
-                    extended.append(item_id)
-            return extended
-
-        return await self._db.write(extend, short=True)
-
-    async def retry_item(self, item_id: str, *, error_code: str, error_message: str) -> bool:
-        """Move PROCESSING -> PENDING, keeping the error for the record."""
-
-        def retry(conn: sqlite3.Connection) -> bool:
-            item = _get_item(conn, item_id)
-            if item is None or item.status is not ItemStatus.PROCESSING:
-                return False
-            _save_item(
-                conn,
-                item.with_status(
-                    ItemStatus.PENDING,
-                    lease_until=None,
-                    error_code=error_code,
-                    error_message=error_message,
-                ),
-            )
-            return True
-
-        return await self._db.write(retry)
-
-    async def finish_item(self, item_id: str, result: ItemResult) -> Request | None:
-        """Record the outcome, bump counters, maybe finish the request: one transaction."""
-        return await self._db.write(
-            lambda conn: _finish(conn, item_id, result, now()), short=True
-        )
-
-    async def finish_items(self, results: Sequence[tuple[str, ItemResult]]) -> list[Request]:
-        """`finish_item` for every pair, all in one write transaction."""
-        if not results:
-            return []
-
-        def finish(conn: sqlite3.Connection) -> list[Request]:
-            at = now()
-            finished = (_finish(conn, i, result, at) for i, result in results)
-            return [request for request in finished if request is not None]
-
-        return await self._db.write(finish, short=True)
-
-    async def stale_items(self, *, now: float, pending_before: float, limit: int) -> list[str]:
-        """Take back ended leases, touch forgotten PENDING items; return their ids.
-
-        One write transaction: PROCESSING items whose lease ended before
-        *now* move back to PENDING, PENDING items untouched since
-        *pending_before* are touched; both get ``updated_at = now``, so
-        another sweeper (thread or process) does not return them again
-        within its window.
+        Operations on a batch of items by id are short writes (run on the
+        calling thread, see `_Database.write`); a sweep or an outbox lease
+        scans, so it runs in the pool.
         """
-
-        def sweep(conn: sqlite3.Connection) -> list[str]:
-            # Both selections before any update: an item moved back to
-            # PENDING here must not also be picked as a forgotten PENDING one.
-            # The statuses are literals, not parameters: only then may SQLite
-            # use the partial indexes items_leased and items_pending.
-            expired = conn.execute(_SELECT_EXPIRED, (now, limit)).fetchall()
-            forgotten = conn.execute(
-                _SELECT_FORGOTTEN, (pending_before, max(0, limit - len(expired)))
-            ).fetchall()
-            for row in expired:
-                item = _item_from(row)
-                _save_item(
-                    conn, item.with_status(ItemStatus.PENDING, lease_until=None, updated_at=now)
-                )
-            conn.executemany(
-                "UPDATE items SET updated_at = ? WHERE id = ?", ((now, r[0]) for r in forgotten)
-            )
-            return [r[0] for r in expired] + [r[0] for r in forgotten]
-
-        return await self._db.write(sweep)
+        reads = op.reads
+        short = reads.stale is None and reads.due is None
+        return await self._db.write(
+            lambda conn: ledger.run(op, partial(_read, conn), partial(_write, conn)), short=short
+        )
 
     async def add_webhook(self, webhook: Webhook) -> None:
         """Register a receiver (replacing one with the same id)."""
@@ -389,39 +285,6 @@ class SqliteStorage:
             return cur.rowcount > 0
 
         return await self._db.write(delete)
-
-    async def claim_events(self, *, now: float, limit: int, lease_seconds: float) -> list[Event]:
-        """Lease up to *limit* due, undelivered events, oldest first."""
-
-        def claim(conn: sqlite3.Connection) -> list[Event]:
-            rows = conn.execute(
-                _SELECT_EVENTS
-                + " WHERE next_attempt_at IS NOT NULL AND next_attempt_at <= ? "
-                "AND (lease_until IS NULL OR lease_until <= ?) "
-                "ORDER BY created_at, rowid LIMIT ?",
-                (now, now, limit),
-            ).fetchall()
-            conn.executemany(
-                "UPDATE events SET lease_until = ? WHERE id = ?",
-                ((now + lease_seconds, r[0]) for r in rows),
-            )
-            return [_event_from(r) for r in rows]
-
-        return await self._db.write(claim)
-
-    async def reschedule_event(self, event_id: str, *, next_attempt_at: float | None) -> None:
-        """Count the round and schedule the next (None: delivered, never claimed again)."""
-
-        def reschedule(conn: sqlite3.Connection) -> None:
-            cur = conn.execute(
-                "UPDATE events SET attempts = attempts + 1, next_attempt_at = ?, "
-                "lease_until = NULL WHERE id = ?",
-                (next_attempt_at, event_id),
-            )
-            if cur.rowcount == 0:
-                raise NotFoundError(f"no event {event_id}")
-
-        await self._db.write(reschedule)
 
     async def add_delivery(self, request_id: str, delivery: Delivery) -> None:
         """Append one attempt to the request's log."""
