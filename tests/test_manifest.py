@@ -15,7 +15,6 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from csvimg import manifest as manifest_module
 from csvimg._errors import ConfigError, ManifestError
 from csvimg.jobs import Row
 from csvimg.manifest import (
@@ -24,10 +23,12 @@ from csvimg.manifest import (
     Manifest,
     ManifestLimits,
     Problem,
+    check_image_url,
     check_url,
     parse_manifest,
     split_urls,
 )
+from csvimg.manifest import _urls as manifest_urls
 
 HEADER = "S. No.,Product Name,Input Image Urls\n"
 URL_A = "https://example.com/a.jpg"
@@ -482,6 +483,10 @@ def test_check_url_refuses(url: str, code: str) -> None:
     assert problem.message.startswith("row 4: URL ")
 
 
+def test_check_url_is_the_old_name_of_check_image_url() -> None:
+    assert check_url is check_image_url
+
+
 def test_check_url_length() -> None:
     assert check_url("https://example.com/abc", max_length=23) is None
     problem = check_url("https://example.com/abcd", max_length=23)
@@ -514,9 +519,9 @@ def test_accepted_urls_are_absolute_http_urls_with_a_host(url: str) -> None:
 @settings(max_examples=300)
 @given(st.text(st.sampled_from("htps:/ab1.-_@[]%:?#例"), max_size=30))
 def test_fast_path_never_accepts_what_the_slow_path_refuses(url: str) -> None:
-    match = manifest_module._FAST_URL.match(url)
+    match = manifest_urls._FAST_URL.match(url)
     if match is not None and match.group("port") is None:
-        assert manifest_module._diagnose_url(url) is None
+        assert manifest_urls._diagnose_url(url) is None
 
 
 @settings(max_examples=500)
@@ -524,19 +529,19 @@ def test_fast_path_never_accepts_what_the_slow_path_refuses(url: str) -> None:
                 min_size=1, max_size=4).map(",".join))
 def test_fast_cell_path_agrees_with_the_url_by_url_path(cell: str) -> None:
     """A cell the whole-cell fast path accepts splits and validates the same way."""
-    if manifest_module._FAST_CELL.match(cell) is None:
+    if manifest_urls._FAST_CELL.match(cell) is None:
         return
     urls = cell.split(",")
     assert split_urls(cell) == urls
     for url in urls:
         assert check_url(url) is None
-        match = manifest_module._FAST_URL.match(url)
+        match = manifest_urls._FAST_URL.match(url)
         assert match is not None
         assert match.group("port") is None
 
 
 def test_fast_cell_path_examples() -> None:
-    fast = manifest_module._FAST_CELL.match
+    fast = manifest_urls._FAST_CELL.match
     assert fast("https://a.example/1.jpg,http://b.example/x?y=1#z")
     assert fast("https://user:pw@a.example/1.jpg")
     for slow in ("https://a.example/1.jpg,", "https://a.example/1.jpg, https://b.example/",
