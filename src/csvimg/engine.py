@@ -108,7 +108,7 @@ class Engine:
         self.plugins = plugins or Plugins()
         s = self.settings
         self.storage: Storage = storage or self.plugins.storage(s.storage_url, s)
-        self.queue: Queue = queue or self.plugins.queue(s.effective_queue_url, s)
+        self.queue: Queue = queue or self.plugins.queue(self.plugins.queue_url(s), s)
         self.blobs: BlobStore = blobs or self.plugins.blobs(s.blobs_url, s)
         self._notifier = notifier
         self.consumer = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"

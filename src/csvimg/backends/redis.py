@@ -114,6 +114,7 @@ from redis.exceptions import (
 
 from csvimg._errors import ConfigError, NotFoundError, StorageError
 from csvimg.backends import Claim
+from csvimg.hooks import BackendRegistry, hookimpl
 from csvimg.jobs import (
     Delivery,
     Event,
@@ -129,7 +130,6 @@ from csvimg.jobs import (
     item_rows,
     now,
 )
-from csvimg.plugins import BackendRegistry, hookimpl
 
 if TYPE_CHECKING:
     from csvimg.settings import Settings
