@@ -207,5 +207,5 @@ class ShelfStorage:
 
 @hookimpl
 def csvimg_register_backends(registry: BackendRegistry) -> None:
-    """Serve ``shelf://`` for storage (queue and blobs come from other URLs)."""
-    registry.add_storage("shelf", ShelfStorage.from_url)
+    """Serve ``shelf://`` for storage; with no queue URL set, workers run in-process."""
+    registry.add_storage("shelf", ShelfStorage.from_url, queue="memory")

@@ -36,7 +36,7 @@ from csvimg_server.cli import (
     build_parser,
     main,
 )
-from csvimg_server.cli._backends import backend_settings
+from csvimg_server.cli._backends import backend_settings, resolve_queue
 from csvimg_server.cli._options import stats_interval
 from server_helpers import (
     ServeProcess,
@@ -217,6 +217,46 @@ def test_option_beats_env_beats_data_dir(tmp_path: Path) -> None:
     assert options.queue_url == "memory://"
     assert options.concurrency == 3
     assert options.public_url == "https://img.example.com"
+
+
+class _KeyValueEntryPoint:
+    """An installed storage-only plugin (``kv``) that asks for the memory queue."""
+
+    name = "kv"
+    value = "csvimg_kv"
+    group = "csvimg"
+
+    def load(self) -> object:
+        from csvimg import BackendRegistry, hookimpl
+        from csvimg.backends.memory import MemoryStorage
+
+        class KeyValue:
+            @hookimpl
+            def csvimg_register_backends(self, registry: BackendRegistry) -> None:
+                registry.add_storage("kv", lambda url, settings: MemoryStorage(), queue="memory")
+
+        return KeyValue()
+
+
+def test_serve_resolves_the_queue_as_the_engine_does(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import csvimg.plugins
+
+    monkeypatch.setattr(csvimg.plugins, "entry_points", lambda **_: [_KeyValueEntryPoint()])
+    parser = build_parser()
+    args = parser.parse_args(["serve", "--data-dir", str(tmp_path), "--storage", "kv://x"])
+    settings = resolve_queue(backend_settings(args, {}), {})
+    assert settings.queue_url == "memory://"
+    assert settings.queue_url == csvimg.plugins.Plugins().queue_url(backend_settings(args, {}))
+    # the SQLite default keeps its queue in the same database; --queue wins
+    default = resolve_queue(backend_settings(parser.parse_args(["serve", "--data-dir",
+                                                                str(tmp_path)]), {}), {})
+    assert default.queue_url == default.storage_url
+    explicit = parser.parse_args(["serve", "--data-dir", str(tmp_path), "--storage", "kv://x",
+                                  "--queue", f"sqlite:///{tmp_path}/q.db"])
+    assert resolve_queue(backend_settings(explicit, {}), {}).queue_url == (
+        f"sqlite:///{tmp_path}/q.db")
 
 
 def test_webhook_secret_is_kept_in_the_data_dir(tmp_path: Path) -> None:

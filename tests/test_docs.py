@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 
 import csvimg
-from csvimg import plugins
+from csvimg import hooks
 
 # PyYAML comes with mkdocs; imported untyped (no stub package needed).
 yaml: Any = importlib.import_module("yaml")
@@ -57,8 +57,8 @@ def _hooks_module() -> ModuleType:
 
 def hook_specs() -> list[str]:
     """Names of every hook specification of csvimg."""
-    marker = f"{plugins.PROJECT}_spec"  # the attribute pluggy's HookspecMarker sets
-    return sorted(name for name, value in vars(plugins._Spec).items() if hasattr(value, marker))
+    marker = f"{hooks.PROJECT}_spec"  # the attribute pluggy's HookspecMarker sets
+    return sorted(name for name, value in vars(hooks.HookSpecs).items() if hasattr(value, marker))
 
 
 def test_hook_specs_are_found() -> None:

@@ -162,6 +162,24 @@ async def test_all_failed_request_is_failed(host: ImageHost) -> None:
         assert [e.type for e in events] == ["request.failed"]
 
 
+class _StorageOnlyPlugin:
+    """Registers a storage scheme and no queue: it asks for the in-process memory queue."""
+
+    @csvimg.hookimpl
+    def csvimg_register_backends(self, registry: csvimg.BackendRegistry) -> None:
+        from csvimg.backends.memory import MemoryStorage
+
+        registry.add_storage("kv", lambda url, settings: MemoryStorage(), queue="memory")
+
+
+async def test_storage_only_plugin_runs_on_the_memory_queue(host: ImageHost) -> None:
+    plugins = csvimg.Plugins(load_entrypoints=False, extra=[_StorageOnlyPlugin()])
+    async with Engine(_settings(host, storage_url="kv://x"), plugins=plugins) as engine:
+        request = await engine.submit(_csv([("1", "A", host.url("/a.jpg"))]))
+        finished = await engine.run_until_finished(request.id, timeout=30)
+        assert finished.status is RequestStatus.COMPLETED and finished.done == 1
+
+
 async def test_poison_item_gives_up_after_max_attempts(host: ImageHost) -> None:
     settings = _settings(host, lease_seconds=0.05, max_attempts=2)
     async with Engine(settings) as engine:

@@ -47,9 +47,10 @@ def test_the_walk_through_counts_the_contract_truly() -> None:
 
 def test_plugin_serves_shelf_urls(tmp_path: Path) -> None:
     """Registered through the hook, ``shelf://`` builds the example's storage."""
-    settings = Settings(storage_url=f"shelf://{tmp_path}/state", queue_url="memory://")
+    settings = Settings(storage_url=f"shelf://{tmp_path}/state")
     engine = Engine(settings, plugins=Plugins(extra=[shelf_storage]))
     assert isinstance(engine.storage, ShelfStorage)
+    assert type(engine.queue).__name__ == "MemoryQueue"  # the queue its hook named
 
 
 class TestShelfEngine(EngineSmokeTests):

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import importlib.metadata
+
 import pytest
 
 import csvimg
-from csvimg import ConfigError, Settings, UnknownSchemeError
-from csvimg.backends.memory import MemoryStorage
+from csvimg import ConfigError, CsvimgError, PluginError, Settings, UnknownSchemeError
+from csvimg import plugins as plugins_module
+from csvimg.backends.memory import MemoryQueue, MemoryStorage
+from csvimg.backends.sqlite import SqliteStorage
 from csvimg.plugins import BackendRegistry, Plugins, hookimpl, scheme_of
 
 
@@ -51,6 +55,95 @@ def test_register_later() -> None:
     p = Plugins(load_entrypoints=False)
     p.register(_ThirdParty(), name="late")
     assert "custom" in p.registry.storage
+
+
+class _OwnSqlite:
+    """A third-party plugin replacing the built-in ``sqlite`` storage."""
+
+    @hookimpl
+    def csvimg_register_backends(self, registry: BackendRegistry) -> None:
+        registry.add_storage("sqlite", lambda url, settings: MemoryStorage())
+
+
+def test_third_party_plugin_overrides_a_builtin_scheme() -> None:
+    p = Plugins(load_entrypoints=False, extra=[_OwnSqlite()])
+    assert isinstance(p.storage("sqlite:///x.db", Settings()), MemoryStorage)
+    # the built-in sqlite queue is untouched
+    assert "sqlite" in p.registry.queue
+
+
+def test_late_registration_is_replayed_and_wins() -> None:
+    # The hook is historic: pluggy calls a plugin registered after the
+    # manager was built, and its registrations win over the built-ins.
+    p = Plugins(load_entrypoints=False)
+    assert p.manager.hook.csvimg_register_backends.is_historic()
+    assert type(p.storage("sqlite:///x.db", Settings())) is SqliteStorage
+    p.register(_OwnSqlite(), name="own-sqlite")
+    assert isinstance(p.storage("sqlite:///x.db", Settings()), MemoryStorage)
+
+
+class _KeyValue:
+    """A storage-only plugin: its storage runs with the in-process memory queue."""
+
+    @hookimpl
+    def csvimg_register_backends(self, registry: BackendRegistry) -> None:
+        registry.add_storage("kv", lambda url, settings: MemoryStorage(), queue="memory")
+
+
+def test_storage_only_plugin_names_its_default_queue() -> None:
+    p = Plugins(load_entrypoints=False, extra=[_KeyValue()])
+    assert p.queue_url(Settings(storage_url="kv://x")) == "memory://"
+    # an explicit queue URL still wins; other storages keep their own URL
+    assert p.queue_url(Settings(storage_url="kv://x", queue_url="sqlite:///q.db")) == (
+        "sqlite:///q.db")
+    assert p.queue_url(Settings(storage_url="sqlite:///s.db")) == "sqlite:///s.db"
+    engine = csvimg.Engine(Settings(storage_url="kv://x"), plugins=p)
+    assert isinstance(engine.queue, MemoryQueue)
+
+
+class _BrokenEntryPoint:
+    """An installed plugin whose own dependency is missing."""
+
+    name = "broken"
+    value = "csvimg_broken_plugin"
+    group = "csvimg"
+
+    def load(self) -> object:
+        raise ModuleNotFoundError("No module named 'missing_dependency'",
+                                  name="missing_dependency")
+
+
+@pytest.fixture
+def broken_entry_point(monkeypatch: pytest.MonkeyPatch) -> None:
+    real = importlib.metadata.entry_points
+
+    def entry_points(**params: str) -> object:
+        if params.get("group") == "csvimg":
+            return [_BrokenEntryPoint(), *real(**params)]
+        return real(**params)
+
+    monkeypatch.setattr(plugins_module, "entry_points", entry_points)
+
+
+@pytest.mark.usefixtures("broken_entry_point")
+def test_entry_point_that_fails_to_import_is_a_plugin_error() -> None:
+    with pytest.raises(PluginError) as info:
+        csvimg.Engine(Settings())
+    message = str(info.value)
+    assert "'broken'" in message and "csvimg_broken_plugin" in message
+    assert "No module named 'missing_dependency'" in message
+    assert "CSVIMG_DISABLED_PLUGINS=broken" in message
+    assert info.value.plugin == "broken"
+    assert isinstance(info.value.__cause__, ModuleNotFoundError)
+    assert isinstance(info.value, CsvimgError)
+
+
+@pytest.mark.usefixtures("broken_entry_point")
+def test_disabling_a_broken_plugin_makes_the_engine_work(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CSVIMG_DISABLED_PLUGINS", "some-other, broken")
+    engine = csvimg.Engine(Settings())
+    assert isinstance(engine.storage, MemoryStorage)
+    assert engine.plugins.manager.is_blocked("broken")
 
 
 def test_entry_points_are_blockable(monkeypatch: pytest.MonkeyPatch) -> None:

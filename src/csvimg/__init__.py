@@ -33,6 +33,7 @@ from csvimg._errors import (
     ManifestError,
     NotFinishedError,
     NotFoundError,
+    PluginError,
     StorageError,
     TransitionError,
     UnknownSchemeError,
@@ -41,6 +42,7 @@ from csvimg.backends import BlobInfo, BlobStore, Claim, Notifier, Queue, Storage
 from csvimg.codec import CodecLimits, Compressed, compress, sniff
 from csvimg.engine import OUTPUT_COLUMN, Engine, neutralise
 from csvimg.fetch import Fetched, Fetcher, FetchPolicy
+from csvimg.hooks import BackendRegistry, hookimpl
 from csvimg.jobs import (
     Delivery,
     Event,
@@ -54,7 +56,7 @@ from csvimg.jobs import (
     Webhook,
 )
 from csvimg.manifest import Manifest, ManifestLimits, Problem, parse_manifest
-from csvimg.plugins import BackendRegistry, Plugins, hookimpl
+from csvimg.plugins import Plugins
 from csvimg.settings import Settings
 
 try:
@@ -90,6 +92,7 @@ __all__ = [
     "NotFinishedError",
     "NotFoundError",
     "Notifier",
+    "PluginError",
     "Plugins",
     "Problem",
     "ProcessOptions",

@@ -6,7 +6,8 @@ catch either::
 
     CsvimgError(Exception)
     ├── ConfigError(ValueError)            bad configuration or option
-    │   └── UnknownSchemeError             no backend serves a URL scheme
+    │   ├── UnknownSchemeError             no backend serves a URL scheme
+    │   └── PluginError                    an installed plugin cannot be loaded
     ├── ManifestError(ValueError)          the CSV was rejected (has .errors)
     ├── TransitionError(RuntimeError)      an illegal state-machine move
     ├── NotFoundError(KeyError)            unknown request, item or webhook
@@ -38,6 +39,7 @@ __all__ = [
     "ManifestError",
     "NotFinishedError",
     "NotFoundError",
+    "PluginError",
     "StorageError",
     "TransitionError",
     "UnknownSchemeError",
@@ -63,6 +65,25 @@ class UnknownSchemeError(ConfigError):
         super().__init__(
             f"no {kind} backend for scheme {scheme!r} (in {url!r}); "
             f"known schemes: {', '.join(self.known) or '(none)'}"
+        )
+
+
+class PluginError(ConfigError):
+    """A third-party plugin (an entry point of the group ``csvimg``) cannot be loaded.
+
+    ``plugin`` is the entry-point name, ``value`` what it points at and
+    ``__cause__`` the original exception; the message says how to disable
+    the plugin (``CSVIMG_DISABLED_PLUGINS``).
+    """
+
+    def __init__(self, plugin: str, value: str, cause: BaseException) -> None:
+        self.plugin = plugin
+        self.value = value
+        super().__init__(
+            f"csvimg plugin {plugin!r} (entry point {plugin} = {value!r} in the group "
+            f"'csvimg') cannot be loaded: {type(cause).__name__}: {cause}. Install what "
+            f"it needs, or disable it with CSVIMG_DISABLED_PLUGINS={plugin} "
+            f"(a comma-separated list of entry-point names)"
         )
 
 

@@ -109,7 +109,7 @@ class Engine:
         self.plugins = plugins or Plugins()
         s = self.settings
         self.storage: Storage = storage or self.plugins.storage(s.storage_url, s)
-        self.queue: Queue = queue or self.plugins.queue(s.effective_queue_url, s)
+        self.queue: Queue = queue or self.plugins.queue(self.plugins.queue_url(s), s)
         self.blobs: BlobStore = blobs or self.plugins.blobs(s.blobs_url, s)
         check_backend("storage", self.storage, Storage)
         check_backend("queue", self.queue, Queue)

@@ -1,131 +1,75 @@
-"""Plugins: how backends are found, by URL scheme, through pluggy.
+"""Plugins: the pluggy manager that finds backends by URL scheme.
 
-A plugin is a module or object with functions marked `hookimpl`. Built-in
-backends are registered first; then every entry point in the group
-``csvimg`` is loaded, except those named in ``CSVIMG_DISABLED_PLUGINS``
-(a comma-separated list of entry-point names; ``*`` disables them all).
+The interface a plugin implements (`hookimpl`, the hook specification,
+`BackendRegistry`) lives in the leaf module `csvimg.hooks` and is
+re-exported here. This module is the manager: it imports the built-in
+plugins by module name (`BUILTIN_PLUGINS`) when a `Plugins` is built, then
+every entry point in the group ``csvimg``, except those named in
+``CSVIMG_DISABLED_PLUGINS`` (a comma-separated list of entry-point names;
+``*`` disables them all), then the ``extra`` plugins given in code.
 
-A plugin announces its backends through `csvimg_register_backends`, which
-receives a typed `BackendRegistry` rather than returning loose values::
-
-    from csvimg.plugins import hookimpl
-
-    @hookimpl
-    def csvimg_register_backends(registry):
-        registry.add_storage("postgresql", PostgresStorage.from_url)
-
-A factory takes the backend URL and the engine `Settings` and returns an
-unopened backend.
+The hook is historic: each plugin is called as it is registered, in that
+order, and a later registration of a scheme wins, so a third-party plugin
+replaces a built-in backend of the same scheme.
 """
 
 from __future__ import annotations
 
+import importlib
 import os
-from collections.abc import Callable, Iterable, Mapping
-from typing import TYPE_CHECKING, Any, TypeVar
+from collections.abc import Iterable, Mapping
+from importlib.metadata import entry_points
+from typing import TYPE_CHECKING, Final, TypeVar
 
-import attrs
 import pluggy
 
-from csvimg._errors import ConfigError, UnknownSchemeError
+from csvimg._errors import PluginError, UnknownSchemeError
+from csvimg.hooks import PROJECT, BackendRegistry, Factory, HookSpecs, hookimpl, hookspec, scheme_of
 
 if TYPE_CHECKING:
     from csvimg.backends import BlobStore, Notifier, Queue, Storage
     from csvimg.settings import Settings
 
 __all__ = [
+    "BUILTIN_PLUGINS",
+    "DISABLE_ENV",
+    "OPTIONAL_PLUGINS",
     "PROJECT",
     "BackendRegistry",
+    "HookSpecs",
     "Plugins",
     "hookimpl",
     "hookspec",
     "scheme_of",
 ]
 
-PROJECT = "csvimg"
-"""The pluggy project name and the entry-point group of third-party plugins."""
+DISABLE_ENV: Final = "CSVIMG_DISABLED_PLUGINS"
+"""Comma-separated entry-point names of third-party plugins not to load (``*``: none)."""
 
-DISABLE_ENV = "CSVIMG_DISABLED_PLUGINS"
+BUILTIN_PLUGINS: Final = (
+    "csvimg.backends.memory",
+    "csvimg.backends.sqlite",
+    "csvimg.backends.files",
+    "csvimg.webhooks",
+    "csvimg.backends.redis",
+    "csvimg.backends.celery",
+)
+"""The built-in plugins, by module name, registered in this order by every `Plugins`."""
 
-hookspec = pluggy.HookspecMarker(PROJECT)
-"""Marks hook specifications (used by `csvimg.plugins` only)."""
-
-hookimpl = pluggy.HookimplMarker(PROJECT)
-"""Marks a plugin's hook implementations."""
+OPTIONAL_PLUGINS: Final = frozenset({"csvimg.backends.redis", "csvimg.backends.celery"})
+"""Built-in plugins skipped when their client library (an extra) is not installed."""
 
 T = TypeVar("T")
-Factory = Callable[[str, "Settings"], T]
-
-
-def scheme_of(url: str) -> str:
-    """Return the lower-cased scheme of a backend URL (``sqlite:///x`` -> ``sqlite``)."""
-    scheme, sep, _ = url.partition("://")
-    if not sep:
-        scheme, sep, _ = url.partition(":")
-    if not sep or not scheme:
-        raise ConfigError(f"backend URL {url!r} has no scheme (e.g. memory://, sqlite:///path)")
-    return scheme.lower()
-
-
-@attrs.define
-class BackendRegistry:
-    """Scheme -> factory tables, one per kind of backend, filled by plugins."""
-
-    storage: dict[str, Factory[Storage]] = attrs.field(factory=dict)
-    queue: dict[str, Factory[Queue]] = attrs.field(factory=dict)
-    blobs: dict[str, Factory[BlobStore]] = attrs.field(factory=dict)
-    notifier: dict[str, Factory[Notifier]] = attrs.field(factory=dict)
-
-    def add_storage(self, scheme: str, factory: Factory[Storage]) -> None:
-        """Serve storage URLs of *scheme* with *factory*."""
-        self.storage[scheme.lower()] = factory
-
-    def add_queue(self, scheme: str, factory: Factory[Queue]) -> None:
-        """Serve queue URLs of *scheme* with *factory*."""
-        self.queue[scheme.lower()] = factory
-
-    def add_blobs(self, scheme: str, factory: Factory[BlobStore]) -> None:
-        """Serve blob-store URLs of *scheme* with *factory*."""
-        self.blobs[scheme.lower()] = factory
-
-    def add_notifier(self, scheme: str, factory: Factory[Notifier]) -> None:
-        """Serve notifier URLs of *scheme* (e.g. ``webhook``) with *factory*."""
-        self.notifier[scheme.lower()] = factory
-
-
-class _Spec:
-    """Hook specifications of csvimg."""
-
-    @hookspec
-    def csvimg_register_backends(self, registry: BackendRegistry) -> None:
-        """Register the storage, queue, blob-store and notifier backends a plugin serves.
-
-        Called once per plugin manager with a `BackendRegistry`; call its
-        ``add_*`` methods. Later registrations of a scheme win, so a plugin
-        may replace a built-in backend.
-        """
 
 
 def _builtin_plugins() -> list[object]:
-    from csvimg.backends import files, memory, sqlite
-
-    plugins: list[object] = [memory, sqlite, files]
-    from csvimg import webhooks
-
-    plugins.append(webhooks)
-    # Optional engines: registered only when their client library is installed.
-    try:
-        from csvimg.backends import redis as redis_backend
-    except ImportError:  # pragma: no cover - the redis extra is not installed
-        pass
-    else:
-        plugins.append(redis_backend)
-    try:
-        from csvimg.backends import celery as celery_backend  # type: ignore[attr-defined,unused-ignore]
-    except ImportError:  # pragma: no cover - the celery extra is not installed
-        pass
-    else:
-        plugins.append(celery_backend)
+    plugins: list[object] = []
+    for name in BUILTIN_PLUGINS:
+        try:
+            plugins.append(importlib.import_module(name))
+        except ImportError:  # pragma: no cover - the extra (redis, celery) is not installed
+            if name not in OPTIONAL_PLUGINS:
+                raise
     return plugins
 
 
@@ -145,31 +89,49 @@ class Plugins:
     ) -> None:
         env = os.environ if environ is None else environ
         self.manager = pluggy.PluginManager(PROJECT)
-        self.manager.add_hookspecs(_Spec)
+        self.manager.add_hookspecs(HookSpecs)
+        self.registry = BackendRegistry()
         for plugin in _builtin_plugins():
             self.manager.register(plugin)
+        # From here on every plugin is called as it is registered, after the
+        # ones before it: later registrations of a scheme win.
+        self.manager.hook.csvimg_register_backends.call_historic(kwargs={"registry": self.registry})
         if load_entrypoints:
             disabled = {n.strip() for n in env.get(DISABLE_ENV, "").split(",") if n.strip()}
             if "*" not in disabled:
                 for name in disabled:
                     self.manager.set_blocked(name)
-                self.manager.load_setuptools_entrypoints(PROJECT)
+                self._load_entrypoints()
         for plugin in extra:
             self.manager.register(plugin)
         self.manager.check_pending()
-        self.registry = BackendRegistry()
-        self.manager.hook.csvimg_register_backends(registry=self.registry)
+
+    def _load_entrypoints(self) -> None:
+        """Register every entry point of the group ``csvimg`` not blocked or already there."""
+        for ep in entry_points(group=PROJECT):
+            if self.manager.get_plugin(ep.name) is not None or self.manager.is_blocked(ep.name):
+                continue
+            try:
+                plugin = ep.load()
+            except Exception as exc:
+                raise PluginError(ep.name, ep.value, exc) from exc
+            self.manager.register(plugin, name=ep.name)
 
     def register(self, plugin: object, name: str | None = None) -> None:
-        """Register one more plugin and let it add its backends."""
+        """Register one more plugin and let it add its backends (they win over earlier ones)."""
         self.manager.register(plugin, name=name)
         self.manager.check_pending()
-        impl: Any = getattr(plugin, "csvimg_register_backends", None)
-        if impl is not None:
-            impl(registry=self.registry)
 
-    def _build(self, kind: str, table: Mapping[str, Factory[T]], url: str,
-               settings: Settings) -> T:
+    def queue_url(self, settings: Settings) -> str:
+        """The queue URL for *settings*: ``queue_url``, else the storage's default queue.
+
+        The default is the queue the storage's registration named
+        (``add_storage(..., queue=...)``), else the storage URL itself. The
+        engine and the command line both ask this.
+        """
+        return settings.queue_url or self.registry.default_queue_url(settings.storage_url)
+
+    def _build(self, kind: str, table: Mapping[str, Factory[T]], url: str, settings: Settings) -> T:
         factory = table.get(scheme_of(url))
         if factory is None:
             raise UnknownSchemeError(kind, url, list(table))

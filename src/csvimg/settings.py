@@ -69,7 +69,8 @@ class Settings:
     Backend URLs pick the backend by scheme (``memory://``,
     ``sqlite:///path.db``, ``redis://host:6379/0``, ``file:///dir``...).
     ``queue_url`` None means "the queue that goes with the storage": the
-    same URL as ``storage_url``.
+    queue the storage's plugin names, else the same URL as ``storage_url``
+    (`csvimg.plugins.Plugins.queue_url`).
     """
 
     storage_url: str = "memory://"
@@ -108,7 +109,13 @@ class Settings:
 
     @property
     def effective_queue_url(self) -> str:
-        """The queue URL, defaulting to the storage URL."""
+        """The queue URL, defaulting to the storage URL.
+
+        Does not know the plugins: a storage registered with a queue of its
+        own (``add_storage(..., queue="memory")``) gets that queue from
+        `csvimg.plugins.Plugins.queue_url`, which the engine and the command
+        line use.
+        """
         return self.queue_url or self.storage_url
 
     def evolve(self, **changes: Any) -> Settings:

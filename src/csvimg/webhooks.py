@@ -40,8 +40,8 @@ import attrs
 
 from csvimg._errors import ConfigError, FetchError
 from csvimg.fetch import Fetcher
+from csvimg.hooks import BackendRegistry, hookimpl
 from csvimg.jobs import Delivery, Event, Request, Webhook, now
-from csvimg.plugins import BackendRegistry, hookimpl
 from csvimg.settings import Settings
 
 if TYPE_CHECKING:

@@ -68,8 +68,8 @@ from kombu.exceptions import KombuError
 from csvimg._errors import ConfigError, StorageError
 from csvimg.backends import Claim
 from csvimg.engine import Engine
+from csvimg.hooks import BackendRegistry, hookimpl
 from csvimg.jobs import Item, now
-from csvimg.plugins import BackendRegistry, hookimpl
 from csvimg.settings import Settings
 
 __all__ = [

@@ -56,7 +56,7 @@ import anyio.to_thread
 
 from csvimg._errors import ConfigError, NotFoundError, StorageError
 from csvimg.backends import MAX_KEY_LENGTH, BlobInfo, check_key
-from csvimg.plugins import BackendRegistry, hookimpl
+from csvimg.hooks import BackendRegistry, hookimpl
 from csvimg.settings import Settings
 
 __all__ = ["MAX_KEY_LENGTH", "FileBlobStore", "check_key", "parse_file_url"]

@@ -21,6 +21,7 @@ import attrs
 from csvimg import ledger
 from csvimg._errors import NotFoundError, StorageError
 from csvimg.backends import BlobInfo, Claim, check_key
+from csvimg.hooks import BackendRegistry, hookimpl
 from csvimg.jobs import (
     Delivery,
     Event,
@@ -37,7 +38,6 @@ from csvimg.jobs import (
 
 # The rules' old home; kept importable for backends written against it.
 from csvimg.ledger import finish_outcome, lease_item, settle_item
-from csvimg.plugins import BackendRegistry, hookimpl
 from csvimg.settings import Settings
 
 __all__ = [

@@ -115,6 +115,7 @@ from redis.exceptions import (
 from csvimg import ledger
 from csvimg._errors import ConfigError, NotFoundError, StorageError
 from csvimg.backends import Claim
+from csvimg.hooks import BackendRegistry, hookimpl
 from csvimg.jobs import (
     Delivery,
     Event,
@@ -130,7 +131,6 @@ from csvimg.jobs import (
     item_rows,
     now,
 )
-from csvimg.plugins import BackendRegistry, hookimpl
 
 if TYPE_CHECKING:
     from csvimg.settings import Settings

@@ -15,11 +15,12 @@ from pathlib import Path
 from typing import Any, Final
 
 from csvimg._errors import ConfigError
+from csvimg.plugins import Plugins
 from csvimg.settings import Settings
 from csvimg_server.cli._env import option_or_env
 from csvimg_server.cli._errors import UsageError
 
-__all__ = ["DEFAULT_DATA_DIR", "backend_settings", "data_dir", "webhook_secret"]
+__all__ = ["DEFAULT_DATA_DIR", "backend_settings", "data_dir", "resolve_queue", "webhook_secret"]
 
 DEFAULT_DATA_DIR: Final = "csvimg-data"
 
@@ -60,6 +61,19 @@ def backend_settings(args: argparse.Namespace, env: Mapping[str, str]) -> Settin
     try:
         return Settings.from_env(env, **overrides)
     except (ConfigError, ValueError) as exc:
+        raise UsageError(str(exc)) from None
+
+
+def resolve_queue(settings: Settings, env: Mapping[str, str]) -> Settings:
+    """*settings* with the queue URL the engine will use made explicit.
+
+    `csvimg.plugins.Plugins.queue_url` decides (the storage plugin's queue
+    when none is configured), so that ``serve`` sees the same queue as its
+    engine and hands it to its worker children.
+    """
+    try:
+        return settings.evolve(queue_url=Plugins(environ=env).queue_url(settings))
+    except ConfigError as exc:
         raise UsageError(str(exc)) from None
 
 

@@ -18,8 +18,8 @@ from collections.abc import Mapping
 from typing import Final
 
 from csvimg._errors import ConfigError
-from csvimg.plugins import scheme_of
-from csvimg_server.cli._backends import backend_settings
+from csvimg.hooks import scheme_of
+from csvimg_server.cli._backends import backend_settings, resolve_queue
 from csvimg_server.cli._children import start_worker_children, stop_worker_children
 from csvimg_server.cli._env import int_option, option_or_env
 from csvimg_server.cli._errors import EXIT_FAILED, EXIT_OK, UsageError
@@ -88,7 +88,7 @@ def cmd_serve(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     host = option_or_env(args.host, env, "CSVIMG_HOST") or DEFAULT_HOST
     port = int_option(args.port, env, "CSVIMG_PORT", DEFAULT_PORT, 0)
     workers = int_option(args.workers, env, "CSVIMG_WORKERS", os.cpu_count() or 1, 0)
-    settings = backend_settings(args, env)
+    settings = resolve_queue(backend_settings(args, env), env)
     # One Python process keeps about one core busy (the event loop's work
     # around the codec holds the GIL), so workers beyond the first run as
     # `csvimg worker` children on the same backends. memory:// cannot be

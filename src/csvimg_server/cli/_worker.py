@@ -97,7 +97,7 @@ async def _worker(settings: Settings, grace: float, tally: Tally) -> None:
         log.info(
             "csvimg worker %s: storage %s, queue %s, concurrency %d",
             engine.consumer, redact_url(settings.storage_url),
-            redact_url(settings.effective_queue_url), settings.concurrency,
+            redact_url(engine.plugins.queue_url(settings)), settings.concurrency,
         )
         async with anyio.create_task_group() as tg:
 

@@ -49,7 +49,7 @@ from csvimg.backends.sqlite._schema import _sql_items_available as _sql_items_av
 from csvimg.backends.sqlite.queue import SqliteQueue
 from csvimg.backends.sqlite.storage import _ROWS_PER_CHUNK as _ROWS_PER_CHUNK
 from csvimg.backends.sqlite.storage import SqliteStorage
-from csvimg.plugins import BackendRegistry, hookimpl
+from csvimg.hooks import BackendRegistry, hookimpl
 
 __all__ = ["DEFAULT_BUSY_TIMEOUT", "SqliteQueue", "SqliteStorage", "parse_sqlite_url"]
 
