@@ -14,9 +14,9 @@ import pytest
 from PIL import Image, ImageCms, ImageFile, JpegImagePlugin
 
 import images
-from csvimg import codec
 from csvimg._errors import CodecError, ConfigError
 from csvimg.codec import CodecLimits, Compressed, compress, output_formats, sniff
+from csvimg.codec import _compress as codec_compress
 from csvimg.jobs import ProcessOptions
 
 DEFAULT = ProcessOptions()
@@ -413,7 +413,7 @@ def test_output_formats() -> None:
 
 
 def test_output_format_pillow_lacks(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(codec, "_has_feature", lambda name: False)
+    monkeypatch.setattr(codec_compress, "_has_feature", lambda name: False)
     assert output_formats() == {"JPEG"}
     error = refuse(images.photo_jpeg(32, 32), "unsupported-format", ProcessOptions(format="AVIF"))
     assert "AVIF" in error.message
@@ -454,7 +454,7 @@ def test_unsupported_image_kinds(data: bytes) -> None:
 
 
 def test_avif_input_without_avif_support(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(codec, "_has_feature", lambda name: False)
+    monkeypatch.setattr(codec_compress, "_has_feature", lambda name: False)
     refuse(FTYP_AVIF, "unsupported-format")
 
 

@@ -89,10 +89,19 @@ def test_plugin_hooks_have_tests(hook: str) -> None:
 
 
 def _reexports() -> dict[str, str]:
-    """Map each name `csvimg/__init__.py` imports from a submodule to that module."""
+    """Map each name `csvimg/__init__.py` imports from a submodule to that module.
+
+    Names loaded lazily (Pillow's and aiohttp's) are imported for type
+    checkers under ``if TYPE_CHECKING:``; those imports count too.
+    """
     tree = ast.parse((SRC / "csvimg" / "__init__.py").read_text(encoding="utf-8"))
     found: dict[str, str] = {}
+    nodes: list[ast.stmt] = []
     for node in tree.body:
+        nodes.append(node)
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            nodes.extend(node.body)
+    for node in nodes:
         if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("csvimg"):
             for alias in node.names:
                 found[alias.asname or alias.name] = node.module

@@ -16,13 +16,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from csvimg._errors import ConfigError, FetchError
+from csvimg._util import parse_retry_after as _parse_retry_after
 from csvimg.fetch import (
     SNIFF_BYTES,
     AllowRule,
     Fetched,
     Fetcher,
     FetchPolicy,
-    _parse_retry_after,
     check_url,
     is_public_address,
     parse_allow,

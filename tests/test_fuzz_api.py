@@ -40,6 +40,8 @@ import csvimg.fetch
 from csvimg._errors import FetchError, ManifestError
 from csvimg.engine import Engine
 from csvimg.fetch import FetchPolicy, is_public_address, parse_allow, resolve_checked
+from csvimg.fetch import _client as fetch_client
+from csvimg.fetch import _resolve as fetch_resolve
 from csvimg.manifest import Manifest, parse_manifest
 from csvimg.settings import Settings
 from csvimg_server import create_app
@@ -91,8 +93,8 @@ def _no_connections(addr_info: AddrInfoType) -> socket.socket:
 def server() -> Iterator[ThreadServer]:
     """The API on memory backends, no workers, no DNS, no outgoing connections."""
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(csvimg.fetch, "_system_resolve", _no_dns)
-        patch.setattr(csvimg.fetch, "_open_socket", _no_connections)
+        patch.setattr(fetch_resolve, "_system_resolve", _no_dns)
+        patch.setattr(fetch_client, "_open_socket", _no_connections)
         app = create_app(Settings(fetch=FetchPolicy(retries=0)), workers=0)
         with ThreadServer(app) as srv:
             # Something to find: one request and one webhook registration.

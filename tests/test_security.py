@@ -31,9 +31,10 @@ import httpx
 import pytest
 from aiohappyeyeballs import AddrInfoType
 
-import csvimg.fetch
 import images
 from csvimg.fetch import FetchPolicy, parse_allow
+from csvimg.fetch import _client as fetch_client
+from csvimg.fetch import _resolve as fetch_resolve
 from csvimg.settings import Settings
 from csvimg_server import create_app
 from server_helpers import (
@@ -67,7 +68,7 @@ def tripwire(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, int]]:
     with ``internal-error`` and the test's assertions say why).
     """
     seen: list[tuple[str, int]] = []
-    original = csvimg.fetch._open_socket
+    original = fetch_client._open_socket
 
     def open_socket(addr_info: AddrInfoType) -> socket.socket:
         host, port = str(addr_info[4][0]), int(addr_info[4][1])
@@ -76,7 +77,7 @@ def tripwire(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, int]]:
             raise AssertionError(f"the SSRF guard let a connection to {host}:{port} through")
         return original(addr_info)
 
-    monkeypatch.setattr(csvimg.fetch, "_open_socket", open_socket)
+    monkeypatch.setattr(fetch_client, "_open_socket", open_socket)
     return seen
 
 
@@ -97,7 +98,7 @@ def fake_dns(monkeypatch: pytest.MonkeyPatch) -> None:
     ``localhost`` goes to the system resolver (``/etc/hosts``, no network);
     every other name is unknown.
     """
-    system = csvimg.fetch._system_resolve
+    system = fetch_resolve._system_resolve
 
     async def resolve(host: str, port: int) -> list[str]:
         name = host.lower().rstrip(".")
@@ -107,7 +108,7 @@ def fake_dns(monkeypatch: pytest.MonkeyPatch) -> None:
             return FAKE_DNS[name]
         raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
 
-    monkeypatch.setattr(csvimg.fetch, "_system_resolve", resolve)
+    monkeypatch.setattr(fetch_resolve, "_system_resolve", resolve)
 
 
 @pytest.fixture

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from importlib.metadata import PackageNotFoundError as _PackageNotFoundError
 from importlib.metadata import version as _version
+from typing import TYPE_CHECKING as _TYPE_CHECKING
 
 from csvimg._errors import (
     CodecError,
@@ -38,10 +39,11 @@ from csvimg._errors import (
     TransitionError,
     UnknownSchemeError,
 )
+from csvimg._util import lazy_exports as _lazy_exports
 from csvimg.backends import BlobInfo, BlobStore, Claim, Notifier, Queue, Storage
-from csvimg.codec import CodecLimits, Compressed, compress, sniff
+from csvimg.codec import CodecLimits, sniff
 from csvimg.engine import OUTPUT_COLUMN, Engine, neutralise
-from csvimg.fetch import Fetched, Fetcher, FetchPolicy
+from csvimg.fetch import FetchPolicy
 from csvimg.hooks import BackendRegistry, hookimpl
 from csvimg.jobs import (
     Delivery,
@@ -58,6 +60,10 @@ from csvimg.jobs import (
 from csvimg.manifest import Manifest, ManifestLimits, Problem, parse_manifest
 from csvimg.plugins import Plugins
 from csvimg.settings import Settings
+
+if _TYPE_CHECKING:
+    from csvimg.codec import Compressed, compress
+    from csvimg.fetch import Fetched, Fetcher
 
 try:
     __version__ = _version("csvimg")
@@ -113,3 +119,18 @@ __all__ = [
     "parse_manifest",
     "sniff",
 ]
+
+# Names whose modules need Pillow or aiohttp: loaded on first use, so that
+# ``import csvimg`` (and an Engine that has not fetched yet) stays light.
+# Hidden from type checkers, which see the imports above and so still
+# report a misspelt name.
+if not _TYPE_CHECKING:
+    __getattr__ = _lazy_exports(
+        globals(),
+        {
+            "Compressed": "csvimg.codec",
+            "compress": "csvimg.codec",
+            "Fetched": "csvimg.fetch",
+            "Fetcher": "csvimg.fetch",
+        },
+    )

@@ -32,7 +32,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from types import TracebackType
-from typing import IO, Any, Self
+from typing import IO, TYPE_CHECKING, Any, Self
 
 import anyio
 import anyio.abc
@@ -46,8 +46,7 @@ from csvimg._errors import (
     StorageError,
 )
 from csvimg.backends import BlobStore, Claim, Notifier, Queue, Storage, check_backend
-from csvimg.codec import Compressed, compress, sniff
-from csvimg.fetch import Fetcher
+from csvimg.codec import sniff
 from csvimg.jobs import (
     Event,
     Item,
@@ -61,6 +60,11 @@ from csvimg.jobs import (
 from csvimg.manifest import Manifest, parse_manifest
 from csvimg.plugins import Plugins
 from csvimg.settings import Settings
+
+if TYPE_CHECKING:
+    # Pillow and aiohttp load when first used, not with the engine.
+    from csvimg.codec import Compressed
+    from csvimg.fetch import Fetcher
 
 __all__ = ["IMAGES_PATH", "OUTPUT_COLUMN", "Engine", "neutralise"]
 
@@ -145,6 +149,8 @@ class Engine:
         await self.storage.open()
         await self.queue.open()
         await self.blobs.open()
+        from csvimg.fetch import Fetcher
+
         self._fetcher = Fetcher(self.settings.fetch)
         await self._fetcher.__aenter__()
         self._opened = True
@@ -345,6 +351,8 @@ class Engine:
 
     async def compress(self, data: bytes, options: ProcessOptions) -> Compressed:
         """Compress in a codec thread (at most ``codec_threads`` at once)."""
+        from csvimg.codec import compress
+
         limits = self.settings.codec
         return await anyio.to_thread.run_sync(
             lambda: compress(data, options, limits), limiter=self._codec_limiter

@@ -39,13 +39,14 @@ from typing import TYPE_CHECKING, Any
 import attrs
 
 from csvimg._errors import ConfigError, FetchError
-from csvimg.fetch import Fetcher
+from csvimg._util import parse_retry_after
 from csvimg.hooks import BackendRegistry, hookimpl
 from csvimg.jobs import Delivery, Event, Request, Webhook, now
 from csvimg.settings import Settings
 
 if TYPE_CHECKING:
     from csvimg.engine import Engine
+    from csvimg.fetch import Fetcher
 
 __all__ = [
     "SECRET_PREFIX",
@@ -61,6 +62,8 @@ log = logging.getLogger("csvimg.webhooks")
 SECRET_PREFIX = "whsec_"  # noqa: S105 - a prefix, not a secret
 """Standard Webhooks secrets are ``whsec_`` + base64 of the key bytes."""
 
+# A receiver may ask for a long pause: up to a day is honoured.
+_MAX_RETRY_AFTER = 86400.0
 _FINAL_ERRORS = frozenset({"blocked-address", "bad-scheme", "bad-url"})
 
 
@@ -154,6 +157,8 @@ class WebhookNotifier:
     async def open(self) -> None:
         """Create the guarded HTTP client."""
         if self._fetcher is None:
+            from csvimg.fetch import Fetcher  # aiohttp loads on first delivery
+
             self._fetcher = Fetcher(self.settings.fetch)
             await self._fetcher.__aenter__()
 
@@ -247,7 +252,9 @@ class WebhookNotifier:
             status = response.status_code
             if not 200 <= status < 300:
                 error = f"http-{status}"
-                wait = _retry_after(response.headers.get("retry-after"))
+                wait = parse_retry_after(
+                    response.headers.get("retry-after"), now=now(), cap=_MAX_RETRY_AFTER
+                )
         log.info("event %s attempt %d: %s", event.id, attempt, status if error is None else error,
                  extra={"event_id": event.id, "request_id": event.request_id})
         delivery = Delivery(
@@ -255,22 +262,6 @@ class WebhookNotifier:
             status_code=status, error=error, webhook_id=target.webhook_id,
         )
         return delivery, wait
-
-
-def _retry_after(value: str | None) -> float | None:
-    if not value:
-        return None
-    try:
-        return max(0.0, min(float(value), 86400.0))
-    except ValueError:
-        pass
-    try:
-        from email.utils import parsedate_to_datetime
-
-        when = parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    return max(0.0, min(when.timestamp() - now(), 86400.0))
 
 
 @hookimpl

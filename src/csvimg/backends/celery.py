@@ -66,6 +66,7 @@ from celery import Celery, signals
 from kombu.exceptions import KombuError
 
 from csvimg._errors import ConfigError, StorageError
+from csvimg._util import mask_password
 from csvimg.backends import Claim
 from csvimg.engine import Engine
 from csvimg.hooks import BackendRegistry, hookimpl
@@ -145,12 +146,7 @@ class CeleryURL:
     @property
     def redacted(self) -> str:
         """The broker URL with its password masked, for logs and errors."""
-        parts = urlsplit(self.broker_url)
-        if parts.password is None:
-            return self.broker_url
-        netloc = parts.netloc.rpartition("@")
-        user = netloc[0].partition(":")[0]
-        return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc[2]}"))
+        return mask_password(self.broker_url)
 
 
 def parse_celery_url(url: str) -> CeleryURL:

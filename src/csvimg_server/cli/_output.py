@@ -1,10 +1,13 @@
-"""What the commands need to know about where they print, and what they must not log."""
+"""What the commands need to know about where they print.
+
+URLs are masked for the log with `csvimg._util.mask_password`.
+"""
 
 from __future__ import annotations
 
 from typing import TextIO
 
-__all__ = ["isatty", "redact_url"]
+__all__ = ["isatty"]
 
 
 def isatty(stream: TextIO) -> bool:
@@ -14,12 +17,3 @@ def isatty(stream: TextIO) -> bool:
     except (AttributeError, ValueError):  # a closed or odd stream
         return False
 
-
-def redact_url(url: str) -> str:
-    """Hide a password in a backend URL before logging it."""
-    scheme, sep, rest = url.partition("://")
-    if not sep or "@" not in rest.split("/", 1)[0]:
-        return url
-    userinfo, _, hostpart = rest.partition("@")
-    user = userinfo.split(":", 1)[0]
-    return f"{scheme}://{user}:***@{hostpart}"

@@ -18,13 +18,13 @@ from collections.abc import Mapping
 from typing import Final
 
 from csvimg._errors import ConfigError
+from csvimg._util import mask_password
 from csvimg.hooks import scheme_of
 from csvimg_server.cli._backends import backend_settings, resolve_queue
 from csvimg_server.cli._children import start_worker_children, stop_worker_children
 from csvimg_server.cli._env import int_option, option_or_env
 from csvimg_server.cli._errors import EXIT_FAILED, EXIT_OK, UsageError
 from csvimg_server.cli._options import add_backend_options, setup_logging, stats_interval
-from csvimg_server.cli._output import redact_url
 from csvimg_server.cli._worker import tune_pillow
 
 __all__ = ["DEFAULT_HOST", "DEFAULT_PORT", "add_serve_parser", "cmd_serve"]
@@ -109,8 +109,8 @@ def cmd_serve(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     app.state.engine.on_item(tally.record)
     log.info(
         "csvimg serve: storage %s, queue %s, blobs %s, %d worker(s) (%d in child processes)",
-        redact_url(settings.storage_url), redact_url(settings.effective_queue_url),
-        redact_url(settings.blobs_url), workers, children,
+        mask_password(settings.storage_url), mask_password(settings.effective_queue_url),
+        mask_password(settings.blobs_url), workers, children,
     )
     config = uvicorn.Config(
         app,

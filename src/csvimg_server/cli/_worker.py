@@ -17,11 +17,11 @@ from typing import TYPE_CHECKING
 import anyio
 
 from csvimg._errors import ConfigError, StorageError
+from csvimg._util import mask_password
 from csvimg.settings import Settings
 from csvimg_server.cli._backends import backend_settings
 from csvimg_server.cli._errors import EXIT_FAILED, EXIT_OK, UsageError
 from csvimg_server.cli._options import add_backend_options, setup_logging, stats_interval
-from csvimg_server.cli._output import redact_url
 
 if TYPE_CHECKING:
     from csvimg_server._process import Tally
@@ -96,8 +96,8 @@ async def _worker(settings: Settings, grace: float, tally: Tally) -> None:
         stop = anyio.Event()
         log.info(
             "csvimg worker %s: storage %s, queue %s, concurrency %d",
-            engine.consumer, redact_url(settings.storage_url),
-            redact_url(engine.plugins.queue_url(settings)), settings.concurrency,
+            engine.consumer, mask_password(settings.storage_url),
+            mask_password(engine.plugins.queue_url(settings)), settings.concurrency,
         )
         async with anyio.create_task_group() as tg:
 

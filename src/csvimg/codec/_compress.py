@@ -1,54 +1,7 @@
-"""The image codec: decode anything reasonable, re-encode it small and clean.
+"""`compress`: decode with Pillow, re-encode small and clean (see `csvimg.codec`).
 
-`compress` takes the downloaded bytes of one image and returns a
-`Compressed` value (JPEG by default, WebP or AVIF on request), or raises
-`~csvimg.CodecError` with a stable ``code``:
-
-====================== =====================================================
-``not-an-image``       the magic bytes are not an image's (HTML, text, empty)
-``unsupported-format`` an image kind we refuse (HEIF, SVG, PSD ...) or an
-                       output format this Pillow cannot write
-``too-large``          more input bytes than `CodecLimits.max_input_bytes`
-``too-many-pixels``    width x height from the header over
-                       `CodecLimits.max_pixels` (decompression bomb)
-``corrupt-image``      the data looked like an image but did not decode
-====================== =====================================================
-
-None of them is retryable: the same bytes fail the same way.
-
-What the output always is: EXIF orientation applied, every piece of
-metadata dropped (EXIF, XMP, comments, ICC; a non-sRGB ICC profile is
-first applied, converting the pixels to sRGB), transparency flattened
-onto white, the first frame of an animation, 8-bit RGB, or 8-bit
-grayscale (``L``) when the source is grayscale and the output is JPEG
-(one plane instead of three: less work and smaller files, same look).
-
-Safety: `sniff` decides from the magic bytes which Pillow decoder may
-look at the data at all (no guessing among Pillow's ~40 formats), and the
-size from the header is checked before any pixel is decoded. Pillow's own
-bomb guard (`PIL.Image.MAX_IMAGE_PIXELS`, 89 MP warning / 179 MP error,
-process-wide) still applies on top of ours; its error, and its warning
-when warnings are turned into errors, become ``too-many-pixels``. This
-module changes no global Pillow or warnings state.
-
-Speed (see DESIGN.md, "Where the time goes"): for a 2 MP JPEG the work
-is libjpeg-turbo decode + encode, and both run without the GIL here, so
-`compress` scales across threads:
-
-- the pixels are decoded with an explicit ``load()`` (saving an unloaded
-  image makes Pillow take an extra full copy);
-- with ``max_dimension``, JPEG input is decoded at 1/2, 1/4 or 1/8 scale
-  by libjpeg (``Image.draft``), then finished with a bicubic resize;
-- the output is encoded into an in-memory *file* (``memfd_create``),
-  because Pillow keeps the GIL while encoding into `io.BytesIO` but
-  releases it for the whole encode into a real file descriptor.
-
-Deployment note: Pillow reads the ``PILLOW_BLOCKS_MAX`` environment
-variable (and ``PILLOW_BLOCK_SIZE``) once, when ``PIL.Image`` is first
-imported, so this module cannot set it reliably. Setting e.g.
-``PILLOW_BLOCKS_MAX=16`` in the worker's environment lets Pillow reuse
-freed image memory blocks instead of mapping fresh memory per image,
-which makes large images about a quarter faster.
+The only module of `csvimg.codec` that imports Pillow; `csvimg.codec`
+loads it on first use of `compress`, `Compressed` or `output_formats`.
 """
 
 from __future__ import annotations
@@ -67,6 +20,8 @@ import attrs
 from PIL import Image, features
 
 from csvimg._errors import CodecError, ConfigError
+from csvimg.codec._limits import CodecLimits
+from csvimg.codec._sniff import _describe_non_image, sniff
 from csvimg.jobs import ProcessOptions
 
 try:
@@ -76,52 +31,7 @@ try:
 except ImportError:  # Pillow built without littlecms: ICC profiles are only stripped
     _HAVE_CMS = False
 
-__all__ = [
-    "CodecLimits",
-    "Compressed",
-    "compress",
-    "output_formats",
-    "sniff",
-]
-
-
-def _positive(instance: object, attribute: attrs.Attribute[int], value: int) -> None:
-    if value < 1:
-        raise ConfigError(f"{attribute.name} must be a positive integer, not {value!r}")
-
-
-@attrs.frozen
-class CodecLimits:
-    """Resource caps applied to every image before it is decoded.
-
-    ``max_pixels`` caps width x height as declared by the file header (the
-    decompression-bomb guard: decoding costs 3-4 bytes per pixel);
-    ``max_input_bytes`` caps the encoded input.
-    """
-
-    max_pixels: int = attrs.field(default=50_000_000, validator=_positive)
-    max_input_bytes: int = attrs.field(default=50 * 1024 * 1024, validator=_positive)
-
-    @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None) -> CodecLimits:
-        """Build limits from ``CSVIMG_MAX_PIXELS`` in *environ* (default `os.environ`).
-
-        Unset or empty means the default; anything but a positive integer
-        raises `~csvimg.ConfigError`.
-        """
-        env = os.environ if environ is None else environ
-        raw = env.get("CSVIMG_MAX_PIXELS", "").strip()
-        if not raw:
-            return cls()
-        try:
-            value = int(raw)
-        except ValueError:
-            raise ConfigError(
-                f"CSVIMG_MAX_PIXELS must be a positive integer, not {raw!r}"
-            ) from None
-        if value < 1:
-            raise ConfigError(f"CSVIMG_MAX_PIXELS must be a positive integer, not {raw!r}")
-        return cls(max_pixels=value)
+__all__ = ["Compressed", "compress", "output_formats"]
 
 
 @attrs.frozen
@@ -145,62 +55,6 @@ class Compressed:
     source_height: int
     bytes_in: int
     bytes_out: int
-
-
-# ---------------------------------------------------------------- sniffing
-
-_BMP_HEADER_SIZES = frozenset({12, 16, 40, 52, 56, 64, 108, 124})
-_AVIF_BRANDS = frozenset({b"avif", b"avis"})
-_HEIF_BRANDS = frozenset({b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx", b"mif1", b"msf1"})
-
-
-def sniff(data: bytes) -> str | None:
-    """Return the kind of image *data* starts with, or None if it is not one.
-
-    Judged from magic bytes only, so the first 64 bytes of a download are
-    enough (fewer may miss BMP and the ISO-BMFF kinds). Kinds `compress`
-    decodes: ``JPEG``, ``PNG``, ``GIF``, ``WEBP``, ``BMP``, ``TIFF``,
-    ``AVIF``. Recognised but refused (``unsupported-format``): ``HEIF``,
-    ``JPEG2000``, ``JXL``, ``PSD``, ``SVG``.
-    """
-    head = bytes(data[:512])
-    if head.startswith(b"\xff\xd8\xff"):
-        return "JPEG"
-    if head.startswith(b"\x89PNG\r\n\x1a\n"):
-        return "PNG"
-    if head[:6] in (b"GIF87a", b"GIF89a"):
-        return "GIF"
-    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
-        return "WEBP"
-    if head[:4] in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"):
-        return "TIFF"
-    # "BM" alone is too weak (any text may start so): require a known DIB header size.
-    if head[:2] == b"BM" and int.from_bytes(head[14:18], "little") in _BMP_HEADER_SIZES:
-        return "BMP"
-    if head[4:8] == b"ftyp":
-        return _sniff_ftyp(head)
-    if head.startswith(b"\x00\x00\x00\x0cjP  \r\n\x87\n") or head.startswith(b"\xff\x4f\xff\x51"):
-        return "JPEG2000"
-    if head.startswith((b"\xff\x0a", b"\x00\x00\x00\x0cJXL \r\n\x87\n")):
-        return "JXL"
-    if head.startswith(b"8BPS"):
-        return "PSD"
-    text = head.lstrip(b"\xef\xbb\xbf \t\r\n").lower()
-    if text.startswith((b"<svg", b"<?xml", b"<!--")) and b"<svg" in text:
-        return "SVG"
-    return None
-
-
-def _sniff_ftyp(head: bytes) -> str | None:
-    # ISO-BMFF: [size][ftyp][major brand][minor version][compatible brands...]
-    (box_size,) = struct.unpack(">I", head[:4])
-    end = min(len(head), box_size) if box_size >= 16 else min(len(head), 16)
-    brands = {head[8:12]} | {head[i : i + 4] for i in range(16, end - 3, 4)}
-    if brands & _AVIF_BRANDS:
-        return "AVIF"
-    if brands & _HEIF_BRANDS:
-        return "HEIF"
-    return None  # MP4, MOV, 3GP ...: video, not an image
 
 
 # ------------------------------------------------------------ capabilities
@@ -282,9 +136,11 @@ _RESAMPLE = Image.Resampling.BICUBIC
 # Pillow's guidance for results indistinguishable from the filter alone.
 _REDUCING_GAP = 3.0
 
+_DEFAULT_LIMITS = CodecLimits()
+
 
 def compress(
-    data: bytes, options: ProcessOptions, limits: CodecLimits = CodecLimits()
+    data: bytes, options: ProcessOptions, limits: CodecLimits = _DEFAULT_LIMITS
 ) -> Compressed:
     """Decode *data* and re-encode it according to *options*.
 
@@ -562,14 +418,3 @@ def _scratch_file() -> Iterator[IO[bytes]]:
         yield fp
     finally:
         fp.close()
-
-
-def _describe_non_image(data: bytes) -> str:
-    if not data:
-        return "the response was empty"
-    head = bytes(data[:256]).lstrip().lower()
-    if head.startswith((b"<!doctype html", b"<html")) or b"<html" in head:
-        return "the response is an HTML page, not an image"
-    if head.startswith((b"{", b"[")):
-        return "the response looks like JSON, not an image"
-    return f"unrecognised data starting with {bytes(data[:8])!r}"
