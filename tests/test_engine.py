@@ -19,6 +19,8 @@ from csvimg import (
     NotFinishedError,
     RequestStatus,
     Settings,
+    StorageError,
+    ledger,
 )
 from csvimg.fetch import FetchPolicy, parse_allow
 from csvimg.testing import claim_events, start_item
@@ -342,3 +344,42 @@ async def test_download_slot_freed_while_image_waits_for_codec(
                 done = await engine.wait(request.id, timeout=15)
                 tg.cancel_scope.cancel()
         assert (done.status, done.done) == (RequestStatus.COMPLETED, 2)
+
+
+async def test_process_items_runs_the_worker_pipeline_without_a_queue(host: ImageHost) -> None:
+    """A push queue's task (Celery) runs ids through the same pipeline, in batches."""
+    from csvimg.backends.memory import MemoryStorage
+
+    storage = _Counting(MemoryStorage())
+    async with Engine(_settings(host), storage=storage) as engine:  # type: ignore[arg-type]
+        urls = [host.url("/a.jpg"), host.url("/c.jpg"), host.url("/x.jpg")]
+        request = await engine.submit(_csv([(str(n), "P", u) for n, u in enumerate(urls, 1)]))
+        ids = [i.id for i in await engine.items(request.id)]
+        storage.calls.clear()
+        assert await engine.process_items([*ids, ids[0]]) == []  # a repeat starts once
+        done = await engine.get_request(request.id)
+        assert (done.status, done.done, done.failed) == (RequestStatus.COMPLETED, 2, 1)
+        assert storage.calls["StartItems"] == 1  # all three in one start
+        assert await engine.process_items(ids) == []  # finished already: nothing to do
+        assert await engine.process_item(ids[0]) is True
+
+
+async def test_process_item_raises_when_storage_fails(host: ImageHost) -> None:
+    """A storage failure is not swallowed: the caller (a Celery task) retries later."""
+    from csvimg.backends.memory import MemoryStorage
+
+    class Failing(MemoryStorage):
+        async def apply(self, op: ledger.Operation) -> ledger.Changes:
+            if isinstance(op, ledger.FinishItems):
+                raise StorageError("disk full")
+            return await super().apply(op)
+
+    async with Engine(_settings(host), storage=Failing()) as engine:
+        request = await engine.submit(_csv([("1", "P", host.url("/a.jpg"))]))
+        [item] = await engine.items(request.id)
+        with pytest.raises(StorageError, match="disk full"):
+            await engine.process_item(item.id)
+        failed = await engine.process_items([item.id])
+        assert [i for i, _ in failed] == []  # still leased by the first call: not started
+        [again] = await engine.items(request.id)
+        assert again.status is ItemStatus.PROCESSING  # comes back when its lease ends

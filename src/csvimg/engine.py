@@ -394,23 +394,39 @@ class Engine:
         )
 
     async def process_item(self, item_id: str) -> bool:
-        """Process one item end to end; return True when it needs no more work.
+        """Process one item end to end; `process_items` for one id.
 
-        Returns False when the item should be tried again later (a storage
-        failure); the caller then leaves its queue message unacknowledged.
-        Safe to call twice for the same item (at-least-once queues).
-        `run_worker` does the same for many items at once, in batches.
+        Returns True: the item needs no more work from this caller (done
+        now, finished already, given up, or held by another live worker).
+        Raises `StorageError` when storage failed, so the caller can try
+        again later (a Celery task retries with a back-off). Safe to call
+        twice for the same item (at-least-once queues).
         """
-        started = await self._start_items([item_id])
-        if not started:
-            return True  # finished already, given up, or another live worker holds it
-        item = started[0]
-        request = await self.storage.get_request(item.request_id)
-        if request is None:  # pragma: no cover - storage keeps them together
-            return True
-        result = await self._run_with_lease(item, request)
-        await self._finish_items([(item, result)])
+        failed = await self.process_items([item_id])
+        if failed:
+            raise failed[0][1]
         return True
+
+    async def process_items(
+        self, item_ids: Sequence[str], *, concurrency: int | None = None
+    ) -> list[tuple[str, StorageError]]:
+        """Run *item_ids* through the worker pipeline, without a queue; return the failures.
+
+        The same pipeline as `run_worker` (one `StartItems` per round,
+        overlapping downloads up to *concurrency*, codec threads, the group
+        commit, one task keeping the leases), fed from the list instead of
+        a queue: what a task of a push queue (Celery) runs. Returns the ids
+        whose storage failed, with the error; they were not recorded and
+        should be tried again later.
+        """
+        ids = list(dict.fromkeys(item_ids))
+        if not ids:
+            return []
+        source = _Batch(ids)
+        limit = concurrency or self.settings.concurrency
+        worker = _Worker(self, max(1, min(limit, len(ids))), source)
+        await worker.run(anyio.Event(), 0.0)
+        return source.failed
 
     async def _start_items(self, item_ids: Sequence[str]) -> list[Item]:
         """Lease *item_ids* (the ledger's `StartItems`); return those that started.
@@ -486,27 +502,6 @@ class Engine:
                                  "error_code": "internal-error"})
             return ItemResult.failure("internal-error", f"{type(exc).__name__}: {exc}")
 
-    async def _run_with_lease(self, item: Item, request: Request) -> ItemResult:
-        """`_outcome`, extending the item's lease meanwhile (single-item `process_item`)."""
-        s = self.settings
-        result: ItemResult | None = None
-        async with anyio.create_task_group() as tg:
-
-            async def keep_lease() -> None:
-                while True:
-                    await anyio.sleep(max(0.5, s.lease_seconds / 3))
-                    await self.storage.apply(
-                        ledger.ExtendLeases((item.id,), at=now(), lease_seconds=s.lease_seconds)
-                    )
-
-            tg.start_soon(keep_lease)
-            try:
-                result = await self._outcome(item, request)
-            finally:
-                tg.cancel_scope.cancel()
-        assert result is not None
-        return result
-
     async def sweep(self) -> int:
         """Re-enqueue items that fell out of the queue (dead workers, crashes).
 
@@ -538,25 +533,19 @@ class Engine:
         the outbox delivery loop.
 
         Storage and queue are used in batches: the ids of one claim are
-        started with one `Storage.start_items`; finished items are recorded
-        by a group-commit task (one `Storage.finish_items`, then one
-        `Queue.ack_many`, for everything finished since its last round);
-        one task extends every lease this worker holds. Backends without the
-        batch methods are called item by item instead.
+        started with one `csvimg.ledger.StartItems`; finished items are
+        recorded by a group-commit task (one `csvimg.ledger.FinishItems`,
+        then one `Queue.ack_many`, for everything finished since its last
+        round); one task extends every lease this worker holds.
+        `process_items` runs the same pipeline on a list of ids.
         """
         worker = _Worker(self, concurrency or self.settings.concurrency)
-        stopping = stop or anyio.Event()
         async with anyio.create_task_group() as outer:
             if sweep:
                 outer.start_soon(self._sweep_loop)
             if deliver and self.notifier is not None:
                 outer.start_soon(self.run_outbox)
-            outer.start_soon(worker.keep_leases)
-            async with anyio.create_task_group() as flushing:
-                flushing.start_soon(worker.flush_loop)
-                async with anyio.create_task_group() as items:
-                    await worker.claim_loop(items, stopping, claim_wait)
-                worker.close()  # the flusher records what is left, then returns
+            await worker.run(stop or anyio.Event(), claim_wait)
             outer.cancel_scope.cancel()
 
     async def _sweep_loop(self) -> None:
@@ -653,6 +642,42 @@ _REQUEST_CACHE = 256
 """Requests a worker keeps (for their options) before it forgets them all."""
 
 
+class _Batch:
+    """A fixed list of item ids in place of a queue, for `Engine.process_items`.
+
+    Hands the ids out as claims (up to what is asked, no waiting), takes
+    acknowledgements and lease extensions as done (there is no message to
+    keep), and records what is released: those ids failed on storage and
+    must be tried again by the caller.
+    """
+
+    def __init__(self, item_ids: Sequence[str]) -> None:
+        self.pending = list(item_ids)
+        self.failed: list[tuple[str, StorageError]] = []
+        self.error: StorageError | None = None
+
+    @property
+    def drained(self) -> bool:
+        """Whether every id was handed out."""
+        return not self.pending
+
+    async def claim(
+        self, *, consumer: str, max_items: int, lease_seconds: float, wait: float
+    ) -> list[Claim]:
+        taken, self.pending = self.pending[:max_items], self.pending[max_items:]
+        return [Claim(item_id=i, token=f"batch:{i}") for i in taken]
+
+    async def ack_many(self, claims: Sequence[Claim]) -> None:
+        return None
+
+    async def extend_many(self, claims: Sequence[Claim], *, lease_seconds: float) -> None:
+        return None
+
+    async def release_many(self, claims: Sequence[Claim], *, delay: float = 0.0) -> None:
+        error = self.error or StorageError("storage failed")
+        self.failed += [(claim.item_id, error) for claim in claims]
+
+
 class _Worker:
     """One `Engine.run_worker` loop: claims, in-flight items, the group commit, the leases.
 
@@ -664,8 +689,10 @@ class _Worker:
     it, so the lease keeper extends both meanwhile.
     """
 
-    def __init__(self, engine: Engine, concurrency: int) -> None:
+    def __init__(self, engine: Engine, concurrency: int, source: _Batch | None = None) -> None:
         self.engine = engine
+        self.source = source
+        self.queue: Queue | _Batch = engine.queue if source is None else source
         self.slots = anyio.Semaphore(concurrency)
         self.backlog_used = 0  # bytes of downloaded images waiting for the codec, slot freed
         self.claims: dict[str, Claim] = {}  # token -> claim, until acked or released
@@ -674,6 +701,17 @@ class _Worker:
         self.wakeup = anyio.Event()
         self.closing = False
         self.requests: dict[str, Request] = {}
+
+    async def run(self, stopping: anyio.Event, claim_wait: float) -> None:
+        """Claim and process until *stopping* (or the batch is drained), then record the rest."""
+        async with anyio.create_task_group() as outer:
+            outer.start_soon(self.keep_leases)
+            async with anyio.create_task_group() as flushing:
+                flushing.start_soon(self.flush_loop)
+                async with anyio.create_task_group() as items:
+                    await self.claim_loop(items, stopping, claim_wait)
+                self.close()  # the flusher records what is left, then returns
+            outer.cancel_scope.cancel()
 
     # -- claiming and processing ------------------------------------------
 
@@ -684,14 +722,14 @@ class _Worker:
         engine = self.engine
         lease = engine.settings.lease_seconds
         slots = self.slots
-        while not stopping.is_set():
+        while not stopping.is_set() and not (self.source is not None and self.source.drained):
             await slots.acquire()
             if stopping.is_set():  # set while we waited for a free slot
                 slots.release()
                 break
             free = slots.value + 1
             try:
-                claims = await engine.queue.claim(
+                claims = await self.queue.claim(
                     consumer=engine.consumer, max_items=free, lease_seconds=lease, wait=claim_wait
                 )
             except StorageError as exc:
@@ -706,7 +744,7 @@ class _Worker:
                 slots.release()
                 for claim in claims:
                     with contextlib.suppress(CsvimgError):
-                        await engine.queue.release_many([claim])
+                        await self.queue.release_many([claim])
                 break
             for _ in claims[1:]:
                 slots.acquire_nowait()
@@ -795,8 +833,9 @@ class _Worker:
         else:
             self.leased.pop(item_id, None)
 
-    @staticmethod
-    def _storage_failed(claim: Claim, exc: BaseException) -> None:
+    def _storage_failed(self, claim: Claim, exc: BaseException) -> None:
+        if self.source is not None and isinstance(exc, StorageError):
+            self.source.error = exc
         log.error("item %s: storage failed, will retry: %s", claim.item_id, exc,
                   extra={"item_id": claim.item_id, "error_code": "storage-error"})
 
@@ -812,7 +851,7 @@ class _Worker:
                 self.claims.pop(claim.token, None)
                 # If even this fails, the lease runs out and the item comes back.
                 with contextlib.suppress(CsvimgError):
-                    await self.engine.queue.release_many(
+                    await self.queue.release_many(
                         [claim], delay=min(30.0, 2.0 * claim.deliveries)
                     )
         if slot_held:
@@ -861,12 +900,12 @@ class _Worker:
                     self.claims.pop(claim.token, None)
                 with contextlib.suppress(CsvimgError):
                     deliveries = max(claim.deliveries for claim in claims)
-                    await engine.queue.release_many(claims, delay=min(30.0, 2.0 * deliveries))
+                    await self.queue.release_many(claims, delay=min(30.0, 2.0 * deliveries))
             return
         for item, _ in results:
             self._unlease(item.id)
         try:
-            await engine.queue.ack_many(claims)
+            await self.queue.ack_many(claims)
         except StorageError as exc:
             # Recorded already: redelivered, they are found finished and dropped.
             log.error("queue: acknowledging %d items failed: %s", len(claims), exc)
@@ -889,7 +928,7 @@ class _Worker:
                         ledger.ExtendLeases(tuple(item_ids), at=now(), lease_seconds=lease)
                     )
                 if claims:
-                    await self.engine.queue.extend_many(claims, lease_seconds=lease)
+                    await self.queue.extend_many(claims, lease_seconds=lease)
             except StorageError as exc:
                 log.error("extending %d leases failed, retrying: %s", len(claims), exc)
 
