@@ -49,3 +49,29 @@ def test_parse_retry_after_cap_and_clock() -> None:
     assert parse_retry_after(in_2h, now=now, cap=86400) == pytest.approx(7200, abs=1)
     assert parse_retry_after("nan") is None
     assert parse_retry_after("-5") == 0
+
+
+def test_env_int_reads_whole_numbers_and_names_the_variable() -> None:
+    from csvimg import ConfigError
+    from csvimg._util import env_int
+
+    assert env_int({}, "CSVIMG_X", 7) == 7
+    assert env_int({"CSVIMG_X": "  "}, "CSVIMG_X", 7) == 7
+    assert env_int({"CSVIMG_X": " 12 "}, "CSVIMG_X", 7, low=1) == 12
+    with pytest.raises(ConfigError, match=r"CSVIMG_X must be a whole number, not '1\.5'"):
+        env_int({"CSVIMG_X": "1.5"}, "CSVIMG_X", 7)
+    with pytest.raises(ConfigError, match=r"CSVIMG_X must be at least 1, not '0'"):
+        env_int({"CSVIMG_X": "0"}, "CSVIMG_X", 7, low=1)
+
+
+def test_env_float_refuses_negative_and_nan() -> None:
+    from csvimg import ConfigError
+    from csvimg._util import env_float
+
+    assert env_float({"CSVIMG_Y": "2.5"}, "CSVIMG_Y", 1.0) == 2.5
+    assert env_float({}, "CSVIMG_Y", 1.0) == 1.0
+    for bad in ("-1", "nan"):
+        with pytest.raises(ConfigError, match="CSVIMG_Y must not be negative"):
+            env_float({"CSVIMG_Y": bad}, "CSVIMG_Y", 1.0)
+    with pytest.raises(ConfigError, match="CSVIMG_Y must be a number"):
+        env_float({"CSVIMG_Y": "soon"}, "CSVIMG_Y", 1.0)

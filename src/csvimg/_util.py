@@ -1,6 +1,6 @@
-"""Small helpers several modules share: URLs fit for logs, ``Retry-After``, lazy names.
+"""Small helpers several modules share: log-safe URLs, ``Retry-After``, lazy names, env numbers.
 
-Nothing here imports more than the standard library, so any module (the
+Nothing here imports more than the standard library (and csvimg's errors), so any module (the
 fetcher, the webhook notifier, the backends, the server's commands) can
 use it without pulling in aiohttp or Pillow.
 """
@@ -14,7 +14,17 @@ from collections.abc import Callable, Mapping
 from typing import Any, Final
 from urllib.parse import urlsplit
 
-__all__ = ["RETRY_AFTER_CAP", "lazy_exports", "mask_password", "parse_retry_after", "redact_url"]
+from csvimg._errors import ConfigError
+
+__all__ = [
+    "RETRY_AFTER_CAP",
+    "env_float",
+    "env_int",
+    "lazy_exports",
+    "mask_password",
+    "parse_retry_after",
+    "redact_url",
+]
 
 RETRY_AFTER_CAP: Final = 3600.0
 """Default cap of `parse_retry_after`: a longer wait is a server mistake or a ban."""
@@ -113,3 +123,38 @@ def lazy_exports(namespace: dict[str, Any], names: Mapping[str, str]) -> Callabl
         return value
 
     return __getattr__
+
+
+def env_int(env: Mapping[str, str], name: str, default: int, *, low: int | None = None) -> int:
+    """The whole number in variable *name* of *env*, or *default* when unset or blank.
+
+    Surrounding blanks are ignored; anything else than a whole number (at
+    least *low* when given) raises `csvimg.ConfigError` naming the variable.
+    """
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigError(f"{name} must be a whole number, not {raw!r}") from None
+    if low is not None and value < low:
+        raise ConfigError(f"{name} must be at least {low}, not {raw!r}")
+    return value
+
+
+def env_float(env: Mapping[str, str], name: str, default: float) -> float:
+    """The number (not negative) in variable *name* of *env*, or *default* when unset or blank.
+
+    Anything else raises `csvimg.ConfigError` naming the variable.
+    """
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigError(f"{name} must be a number, not {raw!r}") from None
+    if not value >= 0:  # also NaN
+        raise ConfigError(f"{name} must not be negative, not {raw!r}")
+    return value

@@ -9,6 +9,7 @@ from typing import Any
 import attrs
 
 from csvimg._errors import ConfigError
+from csvimg._util import env_float, env_int
 from csvimg.codec import CodecLimits
 from csvimg.fetch import FetchPolicy
 from csvimg.jobs import ProcessOptions
@@ -18,29 +19,6 @@ __all__ = ["DEFAULT_WEBHOOK_SCHEDULE", "Settings"]
 
 DEFAULT_WEBHOOK_SCHEDULE: tuple[float, ...] = (5, 300, 1800, 7200, 18000, 36000)
 """Seconds to wait before each webhook retry: 5 s, 5 min, 30 min, 2 h, 5 h, 10 h."""
-
-
-def _env_float(env: Mapping[str, str], name: str, default: float) -> float:
-    raw = env.get(name)
-    if raw is None or raw.strip() == "":
-        return default
-    try:
-        value = float(raw)
-    except ValueError:
-        raise ConfigError(f"{name} must be a number, not {raw!r}") from None
-    if value < 0:
-        raise ConfigError(f"{name} must not be negative, not {raw!r}")
-    return value
-
-
-def _env_int(env: Mapping[str, str], name: str, default: int) -> int:
-    raw = env.get(name)
-    if raw is None or raw.strip() == "":
-        return default
-    try:
-        return int(raw)
-    except ValueError:
-        raise ConfigError(f"{name} must be a whole number, not {raw!r}") from None
 
 
 def _new_secret() -> str:
@@ -136,9 +114,9 @@ class Settings:
         ):
             if env.get(name):
                 values[key] = env[name]
-        quality = _env_int(env, "CSVIMG_QUALITY", 50)
+        quality = env_int(env, "CSVIMG_QUALITY", 50)
         fmt = env.get("CSVIMG_FORMAT", "JPEG")
-        max_dim = _env_int(env, "CSVIMG_MAX_DIMENSION", 0) or None
+        max_dim = env_int(env, "CSVIMG_MAX_DIMENSION", 0) or None
         try:
             values["options"] = ProcessOptions(quality=quality, format=fmt, max_dimension=max_dim)
         except ValueError as exc:
@@ -146,12 +124,12 @@ class Settings:
         values["manifest"] = ManifestLimits.from_env(env)
         values["fetch"] = FetchPolicy.from_env(env)
         values["codec"] = CodecLimits.from_env(env)
-        values["concurrency"] = max(1, _env_int(env, "CSVIMG_CONCURRENCY", 32))
-        values["codec_threads"] = max(1, _env_int(env, "CSVIMG_CODEC_THREADS", os.cpu_count() or 1))
-        values["lease_seconds"] = _env_float(env, "CSVIMG_LEASE_SECONDS", 60.0)
-        values["stale_after"] = _env_float(env, "CSVIMG_STALE_AFTER", 900.0)
-        values["max_attempts"] = max(1, _env_int(env, "CSVIMG_MAX_ATTEMPTS", 5))
-        values["webhook_timeout"] = _env_float(env, "CSVIMG_WEBHOOK_TIMEOUT", 15.0)
+        values["concurrency"] = max(1, env_int(env, "CSVIMG_CONCURRENCY", 32))
+        values["codec_threads"] = max(1, env_int(env, "CSVIMG_CODEC_THREADS", os.cpu_count() or 1))
+        values["lease_seconds"] = env_float(env, "CSVIMG_LEASE_SECONDS", 60.0)
+        values["stale_after"] = env_float(env, "CSVIMG_STALE_AFTER", 900.0)
+        values["max_attempts"] = max(1, env_int(env, "CSVIMG_MAX_ATTEMPTS", 5))
+        values["webhook_timeout"] = env_float(env, "CSVIMG_WEBHOOK_TIMEOUT", 15.0)
         if env.get("CSVIMG_WEBHOOK_SECRET"):
             values["webhook_secret"] = env["CSVIMG_WEBHOOK_SECRET"]
         if env.get("CSVIMG_WEBHOOK_SCHEDULE"):

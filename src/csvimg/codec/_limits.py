@@ -8,6 +8,7 @@ from collections.abc import Mapping
 import attrs
 
 from csvimg._errors import ConfigError
+from csvimg._util import env_int
 
 __all__ = ["CodecLimits"]
 
@@ -37,15 +38,7 @@ class CodecLimits:
         raises `~csvimg.ConfigError`.
         """
         env = os.environ if environ is None else environ
-        raw = env.get("CSVIMG_MAX_PIXELS", "").strip()
-        if not raw:
+        value = env_int(env, "CSVIMG_MAX_PIXELS", 0, low=1)
+        if not value:
             return cls()
-        try:
-            value = int(raw)
-        except ValueError:
-            raise ConfigError(
-                f"CSVIMG_MAX_PIXELS must be a positive integer, not {raw!r}"
-            ) from None
-        if value < 1:
-            raise ConfigError(f"CSVIMG_MAX_PIXELS must be a positive integer, not {raw!r}")
         return cls(max_pixels=value)

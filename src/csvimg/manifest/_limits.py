@@ -8,7 +8,7 @@ from typing import Final
 
 import attrs
 
-from csvimg._errors import ConfigError
+from csvimg._util import env_int
 
 __all__ = ["ManifestLimits"]
 
@@ -54,16 +54,9 @@ class ManifestLimits:
         env = os.environ if environ is None else environ
         values: dict[str, int] = {}
         for var, name in _ENV_VARS.items():
-            raw = env.get(var)
-            if raw is None or not raw.strip():
-                continue
-            try:
-                value = int(raw)
-            except ValueError:
-                raise ConfigError(f"{var} must be a whole number, not {raw!r}") from None
-            if value < 1:
-                raise ConfigError(f"{var} must be at least 1, not {value}")
-            values[name] = value
+            value = env_int(env, var, 0, low=1)
+            if value:
+                values[name] = value
         return cls(**values)
 
 
