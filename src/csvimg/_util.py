@@ -7,8 +7,10 @@ use it without pulling in aiohttp or Pillow.
 
 from __future__ import annotations
 
+import base64
 import email.utils
 import importlib
+import secrets
 import time
 from collections.abc import Callable, Mapping
 from typing import Any, Final
@@ -22,6 +24,7 @@ __all__ = [
     "env_int",
     "lazy_exports",
     "mask_password",
+    "new_secret",
     "parse_retry_after",
     "redact_url",
 ]
@@ -158,3 +161,8 @@ def env_float(env: Mapping[str, str], name: str, default: float) -> float:
     if not value >= 0:  # also NaN
         raise ConfigError(f"{name} must not be negative, not {raw!r}")
     return value
+
+
+def new_secret() -> str:
+    """Return a fresh Standard Webhooks signing secret (``whsec_`` + base64 of 24 random bytes)."""
+    return "whsec_" + base64.b64encode(secrets.token_bytes(24)).decode()

@@ -9,7 +9,7 @@ from typing import Any
 import attrs
 
 from csvimg._errors import ConfigError
-from csvimg._util import env_float, env_int
+from csvimg._util import env_float, env_int, new_secret
 from csvimg.codec import CodecLimits
 from csvimg.fetch import FetchPolicy
 from csvimg.jobs import ProcessOptions
@@ -19,13 +19,6 @@ __all__ = ["DEFAULT_WEBHOOK_SCHEDULE", "Settings"]
 
 DEFAULT_WEBHOOK_SCHEDULE: tuple[float, ...] = (5, 300, 1800, 7200, 18000, 36000)
 """Seconds to wait before each webhook retry: 5 s, 5 min, 30 min, 2 h, 5 h, 10 h."""
-
-
-def _new_secret() -> str:
-    import base64
-    import secrets
-
-    return "whsec_" + base64.b64encode(secrets.token_bytes(24)).decode()
 
 
 def _schedule(raw: str) -> tuple[float, ...]:
@@ -80,7 +73,7 @@ class Settings:
     """
     webhook_schedule: tuple[float, ...] = DEFAULT_WEBHOOK_SCHEDULE
     webhook_timeout: float = 15.0
-    webhook_secret: str = attrs.field(factory=lambda: _new_secret())
+    webhook_secret: str = attrs.field(factory=lambda: new_secret())
     """Deployment secret (``whsec_...``) from which per-request callback secrets derive."""
     outbox_interval: float = 1.0
     """How often the delivery loop looks for due outbox events."""

@@ -31,7 +31,6 @@ import hmac
 import json
 import logging
 import random
-import secrets
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
@@ -39,7 +38,7 @@ from typing import TYPE_CHECKING, Any
 import attrs
 
 from csvimg._errors import ConfigError, FetchError
-from csvimg._util import parse_retry_after
+from csvimg._util import new_secret, parse_retry_after
 from csvimg.hooks import BackendRegistry, hookimpl
 from csvimg.jobs import Delivery, Event, Request, Webhook, now
 from csvimg.settings import Settings
@@ -65,11 +64,6 @@ SECRET_PREFIX = "whsec_"  # noqa: S105 - a prefix, not a secret
 # A receiver may ask for a long pause: up to a day is honoured.
 _MAX_RETRY_AFTER = 86400.0
 _FINAL_ERRORS = frozenset({"blocked-address", "bad-scheme", "bad-url"})
-
-
-def new_secret() -> str:
-    """Return a fresh signing secret (``whsec_`` + base64 of 24 random bytes)."""
-    return SECRET_PREFIX + base64.b64encode(secrets.token_bytes(24)).decode()
 
 
 def _key(secret: str) -> bytes:
