@@ -1,0 +1,4 @@
+local function owner_index(prefix, owner)
+  if owner then return prefix .. ':webhooks:o:' .. owner end
+  return prefix .. ':webhooks:-'
+end
