@@ -55,6 +55,7 @@ from csvimg.testing import stale_items, start_item
 from images import photo_jpeg
 from servers import ImageHost, closed_port
 from services import redis_url, require_service
+from test_imports import imports_of
 
 AMQP_ENV = "CSVIMG_AMQP_URL"
 DEFAULT_AMQP_URL = "amqp://guest:guest@127.0.0.1:5672//"
@@ -209,6 +210,61 @@ def test_module_app_is_built_from_the_environment(monkeypatch: pytest.MonkeyPatc
         _ = celery_backend.app
     with pytest.raises(AttributeError):
         _ = celery_backend.no_such_thing
+
+
+_SIGNALS_PROBE = """
+import json, sys
+from celery import signals
+names = ("worker_process_init", "worker_process_shutdown", "worker_shutdown")
+def counts():
+    return {n: len(getattr(signals, n).receivers) for n in names}
+import csvimg  # imports csvimg.engine itself (csvimg.Engine)
+before = counts()
+loaded = set(sys.modules)
+import csvimg.backends.celery as celery_backend
+imported = counts()
+new = sorted(set(sys.modules) - loaded)
+from csvimg.settings import Settings
+celery_backend.make_app(Settings(queue_url="celery+redis://127.0.0.1:6379/0"))
+made = counts()
+celery_backend.make_app(Settings(queue_url="celery+redis://127.0.0.1:6379/0"))
+print(json.dumps({"before": before, "imported": imported, "made": made, "again": counts(),
+                  "new": new}))
+"""
+
+
+def test_import_connects_no_signals_and_loads_no_engine() -> None:
+    # A fresh interpreter: this one has imported everything already.
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    out = subprocess.run(
+        [sys.executable, "-c", _SIGNALS_PROBE], env=env, capture_output=True, text=True,
+        timeout=60, check=True,
+    ).stdout
+    seen = json.loads(out.strip().splitlines()[-1])
+    assert "csvimg.backends.celery.queue" in seen["new"]
+    # The worker half (the one module of the package importing the engine)
+    # loads on first use only. `import csvimg` loads csvimg.engine itself,
+    # so "not imported" is checked on the import graph below.
+    assert "csvimg.backends.celery.worker" not in seen["new"]
+    assert "csvimg.engine" not in seen["new"]
+    assert seen["imported"] == seen["before"]
+    for name, count in seen["before"].items():
+        assert seen["made"][name] == count + 1, name  # connected by make_app
+    assert seen["again"] == seen["made"]  # once, however many apps
+
+
+def test_queue_side_never_imports_the_engine() -> None:
+    # Every import counts, lazy ones included (see tests/test_imports.py).
+    seen: set[str] = set()
+    todo = ["csvimg.backends.celery.queue"]
+    while todo:
+        module = todo.pop()
+        if module not in seen:
+            seen.add(module)
+            todo.extend(imports_of(module))
+    assert "csvimg.engine" not in seen
+    assert "csvimg.backends.celery.worker" not in seen
+    assert "csvimg.engine" in imports_of("csvimg.backends.celery.worker")
 
 
 def _item(status: ItemStatus, lease_until: float | None = None) -> Item:

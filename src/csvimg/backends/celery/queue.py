@@ -1,59 +1,16 @@
-r"""Celery queue (``celery+amqp://``, ``celery+redis://``): each item is a Celery task.
+"""The publishing side of the Celery queue: URLs, `CeleryQueue`, the plugin hook.
 
-The seed's engine: item ids travel as Celery tasks named
-``csvimg.process_item`` on a real broker (RabbitMQ or Redis), and Celery
-workers run them. The URL is the broker URL with a ``celery+`` prefix; the
-query string picks the Celery queue and, on Redis, a few transport options::
-
-    celery+amqp://guest:guest@127.0.0.1:5672//              queue "csvimg"
-    celery+amqp://guest:guest@rabbit:5672/vhost?queue=shop1  queue "shop1"
-    celery+redis://127.0.0.1:6379/0?visibility_timeout=600  Redis broker
-    celery+rediss://... celery+pyamqp://... celery+amqps://...
-
-Other query parameters stay in the broker URL for kombu (``heartbeat``,
-``ssl_cert_reqs``...).
-
-Storage stays where it is (SQLite on one host, Redis storage across hosts):
-the broker only carries item ids. Workers are started with Celery's own
-command, configured by the same ``CSVIMG_*`` variables as ``csvimg serve``::
-
-    CSVIMG_STORAGE=redis://db:6379/0 CSVIMG_BLOBS=file:///shared/images \
-    CSVIMG_QUEUE='celery+amqp://guest:guest@rabbit:5672//' \
-        celery -A csvimg.backends.celery worker --loglevel=info
-
-How it fits the `Queue` protocol: the queue is *pushed* to Celery workers,
-so it hands out no claims. `CeleryQueue.claim` only waits and returns
-``[]``; on a Celery queue, `Engine.run_worker` (``csvimg serve`` with
-workers, ``csvimg worker``) therefore only runs the sweeper, which
-re-enqueues items that fell out of the queue, and the outbox delivery loop
-(webhooks). Run one of them next to the Celery workers.
-
-Delivery guarantees: tasks are acknowledged late (after `Engine.process_item`
-returned) and rejected back to the queue when their worker process dies
-(``task_acks_late``, ``task_reject_on_worker_lost``), so a killed worker's
-tasks are delivered again: by RabbitMQ as soon as the worker's connection
-drops, by Redis once the ``visibility_timeout`` has passed. (kombu's Redis
-transport pops a message before it records the copy that comes back, so a
-Redis worker killed in that instant loses one message; its item stays
-PENDING and the sweeper re-enqueues it after 15 minutes.) Items are
-idempotent in storage, so a second delivery never counts twice. A second
-delivery that finds its item still leased by a worker that died waits for
-the lease to end (a retry with a countdown) and then takes the item over.
-
-Storage failures: the task does not raise, because Celery acknowledges a
-failed task even with late acks and the message would be gone. It retries
-itself (``task.retry`` with a back-off of 1, 2, 4... up to 60 s), which
-publishes a fresh copy before this one is acknowledged; after 100 retries
-it gives up and leaves the item to the sweeper.
+Everything a csvimg process needs to *send* items to Celery workers, and
+nothing of the workers' side: this module does not import `csvimg.engine`
+(the task, its engine and Celery's worker signals live in
+`csvimg.backends.celery.worker`). See `csvimg.backends.celery` for the URL
+forms and the delivery guarantees.
 """
 
 from __future__ import annotations
 
-import logging
-import os
 import re
 import threading
-import weakref
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Final, TypeVar
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
@@ -61,16 +18,13 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 import anyio
 import anyio.to_thread
 import attrs
-from anyio.from_thread import BlockingPortal, start_blocking_portal
-from celery import Celery, signals
+from celery import Celery
 from kombu.exceptions import KombuError
 
 from csvimg._errors import ConfigError, StorageError
 from csvimg._util import mask_password
 from csvimg.backends import Claim
-from csvimg.engine import Engine
 from csvimg.hooks import BackendRegistry, hookimpl
-from csvimg.jobs import Item, now
 from csvimg.settings import Settings
 
 __all__ = [
@@ -79,13 +33,9 @@ __all__ = [
     "TASK_NAME",
     "CeleryQueue",
     "CeleryURL",
-    "app",
-    "item_wait",
-    "make_app",
+    "csvimg_register_backends",
     "parse_celery_url",
 ]
-
-log = logging.getLogger("csvimg.celery")
 
 T = TypeVar("T")
 
@@ -116,17 +66,6 @@ _REDIS_OPTIONS: Final[Mapping[str, Callable[[str], float | int]]] = {
 # RabbitMQ allows 255 bytes; the character set keeps names safe in Redis
 # keys, logs and command lines alike.
 _QUEUE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,199}")
-
-# Retries of a task whose storage failed: back off 1, 2, 4 ... up to 60 s.
-# Past the limit the task gives up and the sweeper of `Engine.run_worker`
-# re-enqueues the item once its lease has run out.
-_MAX_RETRIES: Final = 100
-_MAX_BACKOFF: Final = 60.0
-
-# How long a second delivery waits between looks at an item another worker
-# holds: the lease's remaining time, within these bounds.
-_MIN_WAIT: Final = 0.5
-_MAX_WAIT: Final = 30.0
 
 
 # -- URLs ---------------------------------------------------------------------
@@ -190,18 +129,16 @@ def parse_celery_url(url: str) -> CeleryURL:
     return CeleryURL(broker_url=broker_url, queue=queue, transport_options=options)
 
 
-# -- the Celery app -----------------------------------------------------------
+# -- the Celery app's configuration ---------------------------------------------
 
 
-def make_app(settings: Settings, *, url: str | None = None) -> Celery:
-    """Build the Celery app of csvimg: broker, queue and the ``csvimg.process_item`` task.
+def _new_app(parsed: CeleryURL) -> Celery:
+    """A Celery app configured for *parsed*'s broker and queue, with no task.
 
-    The broker and queue come from *url* (default:
-    ``settings.effective_queue_url``), which must be a Celery queue URL.
-    The task runs `Engine.process_item` on an engine built from *settings*,
-    one per worker process (see `_WorkerRuntime`).
+    `CeleryQueue` publishes with it (tasks are sent by name, so the
+    publisher needs no task of its own); `make_app` adds the
+    ``csvimg.process_item`` task to the same configuration for workers.
     """
-    parsed = parse_celery_url(url or settings.effective_queue_url)
     app = Celery("csvimg", set_as_current=False)
     app.conf.update(
         broker_url=parsed.broker_url,
@@ -236,150 +173,14 @@ def make_app(settings: Settings, *, url: str | None = None) -> Celery:
             "interval_max": 1,
         },
     )
-    runtime = _WorkerRuntime(settings)
-
-    def process_item(task: Any, item_id: str) -> None:
-        """Process one csvimg item (fetch, compress, store, count)."""
-        runtime.run(task, item_id)
-
-    # Called, not used as a decorator: celery is untyped, and an untyped
-    # decorator would make the function untyped for mypy. Not shared: a
-    # shared task is added to every app created later, so a second app
-    # (another queue URL, a test) would run the first app's engine.
-    app.task(
-        name=TASK_NAME, bind=True, shared=False, ignore_result=True, max_retries=_MAX_RETRIES
-    )(process_item)
     return app
-
-
-def item_wait(item: Item | None, at: float) -> float | None:
-    """Seconds to wait before looking at *item* again, or None when it needs no task.
-
-    `Engine.process_item` drops an item another worker holds. Over a Celery
-    queue the holder may have died (its tasks came back at once, its lease
-    has not ended yet): rather than lose the item until the sweeper finds
-    it, the task looks again when the lease ends and takes it over then.
-    """
-    if item is None or item.status.finished:
-        return None
-    lease_left = (item.lease_until or at) - at
-    return min(_MAX_WAIT, max(_MIN_WAIT, lease_left + 0.25))
-
-
-class _WorkerRuntime:
-    """The engine and event loop of one worker process, opened on the first task.
-
-    A prefork pool forks its processes from the main one, and neither an
-    event loop thread nor open connections survive a fork: everything is
-    built lazily in the process that runs tasks, remembered with its pid,
-    and built again when a fork changed the pid. The event loop lives in a
-    blocking portal (a thread) for the process's lifetime, so connection
-    pools and HTTP keep-alive are reused across tasks; `close` (on Celery's
-    shutdown signals) closes the engine, then the loop.
-    """
-
-    def __init__(self, settings: Settings) -> None:
-        self.settings = settings
-        self._lock = threading.Lock()
-        self._pid: int | None = None
-        self._portal_cm: Any = None
-        self._portal: BlockingPortal | None = None
-        self._engine: Engine | None = None
-        _RUNTIMES.add(self)
-
-    def _ensure(self) -> tuple[Engine, BlockingPortal]:
-        with self._lock:
-            if self._pid != os.getpid():
-                self._forget()
-            if self._engine is None or self._portal is None:
-                cm = start_blocking_portal(name="csvimg-celery-loop")
-                portal = cm.__enter__()
-                engine = Engine(self.settings)
-                try:
-                    portal.call(engine.open)
-                except BaseException:
-                    cm.__exit__(None, None, None)
-                    raise
-                self._pid, self._portal_cm, self._portal, self._engine = (
-                    os.getpid(), cm, portal, engine,
-                )
-                log.info("csvimg engine open in worker process %d", self._pid)
-            return self._engine, self._portal
-
-    def _forget(self) -> None:
-        # Inherited from the parent across a fork: the loop thread does not
-        # exist here, so there is nothing to close, only to drop.
-        self._pid = self._portal_cm = self._portal = self._engine = None
-
-    def run(self, task: Any, item_id: str) -> None:
-        """Process one item; retry the task when storage failed or the item is held."""
-        try:
-            engine, portal = self._ensure()
-            finished = portal.call(engine.process_item, item_id)
-            item = portal.call(engine.storage.get_item, item_id) if finished else None
-        except StorageError as exc:
-            # Raising would make Celery acknowledge a failed task (acks_late
-            # acks failures too): the message would be gone. A retry
-            # publishes a fresh copy with a countdown, then acks this one.
-            retries = int(task.request.retries)
-            countdown = min(_MAX_BACKOFF, 2.0**retries)
-            log.error("item %s: storage failed, retrying in %.0f s: %s", item_id, countdown, exc)
-            raise task.retry(exc=exc, countdown=countdown) from exc
-        wait = 1.0 if not finished else item_wait(item, now())
-        if wait is None:
-            return
-        if int(task.request.retries) >= _MAX_RETRIES:
-            log.warning("item %s still held by another worker; leaving it to the sweeper", item_id)
-            return
-        log.info("item %s is held by another worker; looking again in %.1f s", item_id, wait)
-        raise task.retry(countdown=wait)
-
-    def close(self) -> None:
-        """Close the engine and stop the event loop (a no-op when never opened here)."""
-        with self._lock:
-            if self._pid != os.getpid() or self._portal is None:
-                self._forget()
-                return
-            portal, cm, engine = self._portal, self._portal_cm, self._engine
-            self._forget()
-        try:
-            if engine is not None:
-                portal.call(engine.close)
-        except Exception:
-            log.exception("closing the csvimg engine failed")
-        finally:
-            cm.__exit__(None, None, None)
-        log.info("csvimg engine closed in worker process %d", os.getpid())
-
-
-_RUNTIMES: weakref.WeakSet[_WorkerRuntime] = weakref.WeakSet()
-
-
-def _close_runtimes(**_: Any) -> None:
-    for runtime in list(_RUNTIMES):
-        runtime.close()
-
-
-def _forget_runtimes(**_: Any) -> None:
-    for runtime in list(_RUNTIMES):
-        with runtime._lock:
-            runtime._forget()
-
-
-# A prefork pool process sends worker_process_init after the fork and
-# worker_process_shutdown before it exits; the solo and threads pools run
-# tasks in the main process, which sends worker_shutdown. The loop thread is
-# not a daemon: without these, an interpreter exit would wait for it.
-signals.worker_process_init.connect(_forget_runtimes, weak=False, dispatch_uid="csvimg-init")
-signals.worker_process_shutdown.connect(_close_runtimes, weak=False, dispatch_uid="csvimg-pexit")
-signals.worker_shutdown.connect(_close_runtimes, weak=False, dispatch_uid="csvimg-exit")
 
 
 # -- the queue ----------------------------------------------------------------
 
 
 class CeleryQueue:
-    """Item ids as Celery tasks on a broker; see the module docstring.
+    """Item ids as Celery tasks on a broker; see `csvimg.backends.celery`.
 
     `enqueue` publishes one ``csvimg.process_item`` task per id; Celery
     workers consume them. `claim` hands out nothing (it waits *wait*
@@ -410,7 +211,7 @@ class CeleryQueue:
         """The Celery app publishing the tasks, built on first use."""
         with self._app_lock:
             if self._app is None:
-                self._app = make_app(self.settings, url=self.url)
+                self._app = _new_app(self.parsed)
             return self._app
 
     async def _call(self, what: str, fn: Callable[[], T]) -> T:
@@ -568,7 +369,7 @@ class CeleryQueue:
         await self._call("delete", self._queue_op(delete, None, check=False))
 
 
-# -- plugin and module-level app ------------------------------------------------
+# -- plugin ---------------------------------------------------------------------
 
 
 @hookimpl
@@ -576,38 +377,3 @@ def csvimg_register_backends(registry: BackendRegistry) -> None:
     """Serve the Celery queue URLs (``celery+amqp://``, ``celery+redis://``...)."""
     for scheme in SCHEMES:
         registry.add_queue(scheme, CeleryQueue.from_url)
-
-
-app: Celery
-"""The Celery app of ``celery -A csvimg.backends.celery worker``, built from
-``CSVIMG_*`` variables on first access (see `__getattr__`)."""
-
-_app: Celery | None = None
-_app_lock = threading.Lock()
-
-
-def __getattr__(name: str) -> Any:
-    """Build ``app`` (what ``celery -A csvimg.backends.celery`` runs) on first access.
-
-    Built from ``Settings.from_env()``: ``CSVIMG_QUEUE`` names the broker
-    and queue, ``CSVIMG_STORAGE`` / ``CSVIMG_BLOBS`` where results go.
-    Lazy, because every csvimg process imports this module to register the
-    URL schemes, and only Celery workers need the app.
-    """
-    global _app
-    if name != "app":
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    with _app_lock:
-        if _app is None:
-            settings = Settings.from_env()
-            if settings.effective_queue_url.partition("://")[0].lower() not in SCHEMES:
-                raise ConfigError(
-                    "CSVIMG_QUEUE must be a Celery queue URL for Celery workers, e.g. "
-                    "celery+amqp://guest:guest@127.0.0.1:5672// (see docs/celery.md)"
-                )
-            # Build (not open) the backends once here, in the worker's main
-            # process: a bad URL stops `celery worker` at start-up with its
-            # message, instead of failing (and acknowledging) every task.
-            Engine(settings)
-            _app = make_app(settings)
-        return _app
