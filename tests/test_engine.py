@@ -308,9 +308,9 @@ async def test_download_slot_freed_while_image_waits_for_codec(
     if the first image's bytes fit the backlog budget; otherwise the slot
     stays taken (memory stays bounded) until the first image is done.
     """
-    import csvimg.engine as engine_module
+    import csvimg.worker as worker_module
 
-    monkeypatch.setattr(engine_module, "_BACKLOG_BYTES", budget)
+    monkeypatch.setattr(worker_module, "_BACKLOG_BYTES", budget)
     fetches: list[float] = []
     fetched = [anyio.Event(), anyio.Event()]  # set by the first and second download
     release = anyio.Event()

@@ -42,7 +42,7 @@ from csvimg._errors import (
 from csvimg._util import lazy_exports as _lazy_exports
 from csvimg.backends import BlobInfo, BlobStore, Claim, Notifier, Queue, Storage
 from csvimg.codec import CodecLimits, sniff
-from csvimg.engine import OUTPUT_COLUMN, Engine, neutralise
+from csvimg.engine import Engine
 from csvimg.fetch import FetchPolicy
 from csvimg.hooks import BackendRegistry, hookimpl
 from csvimg.jobs import (
@@ -58,6 +58,7 @@ from csvimg.jobs import (
     Webhook,
 )
 from csvimg.manifest import Manifest, ManifestLimits, Problem, parse_manifest
+from csvimg.output import OUTPUT_COLUMN, neutralise
 from csvimg.plugins import Plugins
 from csvimg.settings import Settings
 
