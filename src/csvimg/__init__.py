@@ -26,6 +26,7 @@ from importlib.metadata import version as _version
 from typing import TYPE_CHECKING as _TYPE_CHECKING
 
 from csvimg._errors import (
+    CallbackUrlError,
     CodecError,
     ConfigError,
     CsvimgError,
@@ -76,6 +77,7 @@ __all__ = [
     "BackendRegistry",
     "BlobInfo",
     "BlobStore",
+    "CallbackUrlError",
     "Claim",
     "CodecError",
     "CodecLimits",

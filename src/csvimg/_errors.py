@@ -7,7 +7,8 @@ catch either::
     CsvimgError(Exception)
     ├── ConfigError(ValueError)            bad configuration or option
     │   ├── UnknownSchemeError             no backend serves a URL scheme
-    │   └── PluginError                    an installed plugin cannot be loaded
+    │   ├── PluginError                    an installed plugin cannot be loaded
+    │   └── CallbackUrlError               a webhook receiver URL is refused
     ├── ManifestError(ValueError)          the CSV was rejected (has .errors)
     ├── TransitionError(RuntimeError)      an illegal state-machine move
     ├── NotFoundError(KeyError)            unknown request, item or webhook
@@ -31,6 +32,7 @@ if TYPE_CHECKING:
     from csvimg.manifest import Problem
 
 __all__ = [
+    "CallbackUrlError",
     "CodecError",
     "ConfigError",
     "CsvimgError",
@@ -85,6 +87,20 @@ class PluginError(ConfigError):
             f"it needs, or disable it with CSVIMG_DISABLED_PLUGINS={plugin} "
             f"(a comma-separated list of entry-point names)"
         )
+
+
+class CallbackUrlError(ConfigError):
+    """A webhook receiver URL (a registration's or an upload's ``callback_url``) is refused.
+
+    ``code`` and ``reason`` are the `FetchError`'s that refused it
+    (``bad-scheme``, ``blocked-address``, ``dns-error``...); the message
+    reads ``callback_url refused: <code>: <reason>``.
+    """
+
+    def __init__(self, code: str, reason: str) -> None:
+        self.code = code
+        self.reason = reason
+        super().__init__(f"callback_url refused: {code}: {reason}")
 
 
 class ManifestError(CsvimgError, ValueError):

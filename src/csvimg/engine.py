@@ -34,20 +34,23 @@ from typing import IO, TYPE_CHECKING, Any, Self
 import anyio
 import anyio.abc
 
-from csvimg import ledger, outbox
+from csvimg import ledger, outbox, webhooks
 from csvimg._errors import (
     CsvimgError,
     NotFinishedError,
     NotFoundError,
     StorageError,
 )
-from csvimg.backends import BlobStore, Notifier, Queue, Storage, check_backend
+from csvimg.backends import BlobInfo, BlobStore, Notifier, Queue, Storage, check_backend
 from csvimg.jobs import (
+    Delivery,
     Item,
     ItemIds,
     ItemResult,
     ProcessOptions,
     Request,
+    Row,
+    Webhook,
     new_id,
     now,
 )
@@ -55,6 +58,7 @@ from csvimg.manifest import Manifest, parse_manifest
 from csvimg.output import OUTPUT_COLUMN, neutralise, write_output_csv
 from csvimg.plugins import Plugins
 from csvimg.settings import Settings
+from csvimg.urls import DefaultUrls, PublicUrls
 from csvimg.worker import _BACKLOG_BYTES as _BACKLOG_BYTES
 from csvimg.worker import _FLUSH_MAX as _FLUSH_MAX
 from csvimg.worker import _REQUEST_CACHE as _REQUEST_CACHE
@@ -70,7 +74,11 @@ __all__ = ["IMAGES_PATH", "OUTPUT_COLUMN", "Engine", "neutralise"]
 log = logging.getLogger("csvimg.engine")
 
 IMAGES_PATH = "/api/v1/images/"
-"""Where the reference server serves output images: ``<public_url>/api/v1/images/<key>``."""
+"""Where the reference server serves output images: ``<public_url>/api/v1/images/<key>``.
+
+Kept for compatibility: the engine builds URLs with `Engine.urls`
+(`csvimg.urls.DefaultUrls` by default), not with this constant.
+"""
 
 
 CsvSource = bytes | str | Iterable[bytes] | IO[bytes]
@@ -93,6 +101,7 @@ class Engine:
         queue: Queue | None = None,
         blobs: BlobStore | None = None,
         notifier: Notifier | None = None,
+        urls: PublicUrls | None = None,
     ) -> None:
         self.settings = settings or Settings()
         self.plugins = plugins or Plugins()
@@ -104,6 +113,8 @@ class Engine:
         check_backend("queue", self.queue, Queue)
         check_backend("blob store", self.blobs, BlobStore)
         self._notifier = notifier
+        self.urls: PublicUrls = urls or DefaultUrls()
+        """Builds the public URLs of images and output CSVs (`csvimg.urls`)."""
         self.consumer = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self._fetcher: Fetcher | None = None
         self._codec_limiter = anyio.CapacityLimiter(max(1, s.codec_threads))
@@ -267,12 +278,21 @@ class Engine:
                     return request
                 await anyio.sleep(poll)
 
+    def _base(self, base_url: str | None) -> str:
+        return (base_url or self.settings.public_url or "").rstrip("/")
+
     def image_url(self, item: Item, base_url: str | None = None) -> str | None:
-        """The public URL of an item's output image (None if it has none)."""
+        """The public URL of an item's output image (None if it has none).
+
+        Built by `urls` under *base_url*, else ``Settings.public_url``.
+        """
         if item.output_key is None:
             return None
-        base = (base_url or self.settings.public_url or "").rstrip("/")
-        return f"{base}{IMAGES_PATH}{item.output_key}"
+        return self.urls.image_url(item.output_key, self._base(base_url))
+
+    def output_csv_url(self, request_id: str, base_url: str | None = None) -> str:
+        """The public URL of a request's output CSV (built by `urls`, like `image_url`)."""
+        return self.urls.output_csv_url(request_id, self._base(base_url))
 
     async def output_csv(
         self,
@@ -424,6 +444,78 @@ class Engine:
         """Per-image results of a request, in CSV order; `NotFoundError` if unknown."""
         await self.get_request(request_id)
         return await self.storage.list_items(request_id, offset=offset, limit=limit)
+
+    async def rows(self, request_id: str, *, offset: int = 0, limit: int = 1000) -> list[Row]:
+        """Input rows of a request, in upload order; `NotFoundError` if unknown."""
+        await self.get_request(request_id)
+        return await self.storage.list_rows(request_id, offset=offset, limit=limit)
+
+    async def deliveries(self, request_id: str) -> list[Delivery]:
+        """Webhook delivery attempts of a request, oldest first; `NotFoundError` if unknown."""
+        await self.get_request(request_id)
+        return await self.storage.list_deliveries(request_id)
+
+    async def image_info(self, key: str) -> BlobInfo:
+        """What the blob store knows of the output image *key*; `NotFoundError` if missing.
+
+        A key the store itself refuses (`ValueError`) counts as missing.
+        """
+        try:
+            info = await self.blobs.stat(key)
+        except ValueError:  # NotFoundError is a KeyError, not a ValueError
+            info = None
+        if info is None:
+            raise NotFoundError(f"no image {key[:200]!r}")
+        return info
+
+    async def image(self, key: str) -> bytes:
+        """The bytes of the output image *key*; `NotFoundError` if missing."""
+        return await self.blobs.get(key)
+
+    async def queue_depth(self) -> int:
+        """How many item ids wait in the queue or are leased (may be approximate)."""
+        return await self.queue.depth()
+
+    # -- webhook registrations --------------------------------------------
+
+    async def check_callback_url(self, url: str) -> str:
+        """Validate a receiver URL under ``Settings.fetch`` (the SSRF guard); return it normalised.
+
+        Raises `CallbackUrlError` when it is not http(s) or its host
+        resolves to an address the fetch policy refuses
+        (`csvimg.webhooks.check_callback_url`).
+        """
+        return await webhooks.check_callback_url(url, self.settings.fetch)
+
+    async def add_webhook(self, url: str, *, owner: str | None = None) -> Webhook:
+        """Register a receiver of *owner*'s events; return it, with its new secret.
+
+        *url* is checked by `check_callback_url` (`CallbackUrlError`); the
+        id is `csvimg.webhooks.new_webhook_id`, the secret
+        `csvimg.webhooks.new_secret` (show it once: listing omits nothing,
+        but an HTTP API should not send it again).
+        """
+        checked = await self.check_callback_url(url.strip())
+        webhook = Webhook(
+            id=webhooks.new_webhook_id(), url=checked, secret=webhooks.new_secret(), owner=owner
+        )
+        await self.storage.add_webhook(webhook)
+        return webhook
+
+    async def webhooks(self, *, owner: str | None = None) -> list[Webhook]:
+        """*owner*'s registrations, active or not (None: the ownerless ones)."""
+        return await self.storage.list_webhooks(owner=owner)
+
+    async def delete_webhook(self, webhook_id: str, *, owner: str | None = None) -> None:
+        """Delete *owner*'s registration *webhook_id*; `NotFoundError` if there is none.
+
+        An id without the form of one (`csvimg.webhooks.is_webhook_id`) is
+        not looked up.
+        """
+        if not webhooks.is_webhook_id(webhook_id) or not await self.storage.delete_webhook(
+            webhook_id, owner=owner
+        ):
+            raise NotFoundError(f"no webhook {webhook_id[:64]!r}")
 
     async def ready(self) -> dict[str, str]:
         """Ping storage and queue; return ``{"storage": "ok"|error, "queue": ...}``."""

@@ -31,14 +31,17 @@ import hmac
 import json
 import logging
 import random
+import re
+import secrets
 from collections.abc import Callable
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 import attrs
 
-from csvimg._errors import ConfigError, FetchError
+from csvimg._errors import CallbackUrlError, ConfigError, FetchError
 from csvimg._util import new_secret, parse_retry_after
+from csvimg.fetch import FetchPolicy, check_url, resolve_checked
 from csvimg.hooks import BackendRegistry, hookimpl
 from csvimg.jobs import Delivery, Event, Request, Webhook, now
 from csvimg.settings import Settings
@@ -49,9 +52,13 @@ if TYPE_CHECKING:
 
 __all__ = [
     "SECRET_PREFIX",
+    "WEBHOOK_ID_PREFIX",
     "WebhookNotifier",
+    "check_callback_url",
     "event_payload",
+    "is_webhook_id",
     "new_secret",
+    "new_webhook_id",
     "request_secret",
     "sign",
 ]
@@ -61,9 +68,41 @@ log = logging.getLogger("csvimg.webhooks")
 SECRET_PREFIX = "whsec_"  # noqa: S105 - a prefix, not a secret
 """Standard Webhooks secrets are ``whsec_`` + base64 of the key bytes."""
 
+WEBHOOK_ID_PREFIX: Final = "wh_"
+"""Webhook registration ids are ``wh_`` + hex (`new_webhook_id`)."""
+
+_WEBHOOK_ID: Final = re.compile(r"wh_[0-9a-f]{1,64}\Z")
+
 # A receiver may ask for a long pause: up to a day is honoured.
 _MAX_RETRY_AFTER = 86400.0
 _FINAL_ERRORS = frozenset({"blocked-address", "bad-scheme", "bad-url"})
+
+
+def new_webhook_id() -> str:
+    """Return a fresh webhook registration id (``wh_`` + 24 hex digits)."""
+    return WEBHOOK_ID_PREFIX + secrets.token_hex(12)
+
+
+def is_webhook_id(raw: str) -> bool:
+    """Whether *raw* has the form of a webhook registration id (``wh_`` + 1 to 64 hex digits)."""
+    return _WEBHOOK_ID.match(raw) is not None
+
+
+async def check_callback_url(url: str, policy: FetchPolicy) -> str:
+    """Validate a receiver URL and return it normalised; `CallbackUrlError` if refused.
+
+    The URL must be http(s) and its host must resolve only to addresses
+    *policy* (the SSRF guard of `csvimg.fetch`) allows. The guard applies
+    again at every delivery.
+    """
+    try:
+        parts = check_url(url)
+        assert parts.hostname is not None  # check_url refuses URLs without a host
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        await resolve_checked(parts.hostname, port, policy)
+    except FetchError as exc:
+        raise CallbackUrlError(exc.code, exc.message) from None
+    return parts.geturl()
 
 
 def _key(secret: str) -> bytes:
@@ -163,8 +202,8 @@ class WebhookNotifier:
             self._fetcher = None
 
     def _output_csv_url(self, request: Request) -> str | None:
-        base = (self.settings.public_url or "").rstrip("/")
-        return f"{base}/api/v1/requests/{request.id}/output.csv"
+        assert self._engine is not None
+        return self._engine.output_csv_url(request.id)
 
     async def _targets(self, request: Request) -> list[_Target]:
         assert self._engine is not None

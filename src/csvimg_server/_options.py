@@ -13,10 +13,11 @@ from typing import Any, Final
 import attrs
 from starlette.requests import Request
 
-from csvimg._errors import FetchError
+from csvimg._errors import CallbackUrlError
 from csvimg.codec import output_formats
-from csvimg.fetch import FetchPolicy, check_url, resolve_checked
+from csvimg.fetch import FetchPolicy
 from csvimg.jobs import ProcessOptions
+from csvimg.webhooks import check_callback_url, is_webhook_id
 from csvimg_server._errors import ApiError
 
 __all__ = [
@@ -25,6 +26,7 @@ __all__ = [
     "int_param",
     "is_request_id",
     "process_options",
+    "refused_callback",
     "request_id",
     "webhook_id",
 ]
@@ -33,7 +35,6 @@ UPLOAD_FIELDS: Final = frozenset({"file", "callback_url", "quality", "format", "
 """The form fields ``POST /api/v1/upload`` accepts."""
 
 _UUID: Final = re.compile(r"[0-9a-fA-F]{8}-(?:[0-9a-fA-F]{4}-){3}[0-9a-fA-F]{12}\Z")
-_WEBHOOK_ID: Final = re.compile(r"wh_[0-9a-f]{1,64}\Z")
 
 
 def is_request_id(raw: str) -> bool:
@@ -51,8 +52,8 @@ def request_id(raw: str) -> str:
 
 
 def webhook_id(raw: str) -> str | None:
-    """*raw* if it has the form of a webhook id, else None."""
-    return raw if _WEBHOOK_ID.match(raw) is not None else None
+    """*raw* if it has the form of a webhook id, else None (`csvimg.webhooks.is_webhook_id`)."""
+    return raw if is_webhook_id(raw) else None
 
 
 def int_param(request: Request, name: str, default: int, low: int, high: int) -> int:
@@ -70,15 +71,16 @@ def int_param(request: Request, name: str, default: int, low: int, high: int) ->
 
 
 async def checked_callback(url: str, fetch: FetchPolicy) -> str:
-    """Validate a receiver URL: http(s), and an address the SSRF guard allows."""
+    """Validate a receiver URL (`csvimg.webhooks.check_callback_url`); 400 if refused."""
     try:
-        parts = check_url(url)
-        assert parts.hostname is not None  # check_url refuses URLs without a host
-        port = parts.port or (443 if parts.scheme == "https" else 80)
-        await resolve_checked(parts.hostname, port, fetch)
-    except FetchError as exc:
-        raise ApiError(400, f"callback_url refused: {exc.code}: {exc.message}") from None
-    return parts.geturl()
+        return await check_callback_url(url, fetch)
+    except CallbackUrlError as exc:
+        raise refused_callback(exc) from None
+
+
+def refused_callback(exc: CallbackUrlError) -> ApiError:
+    """The 400 answer to a refused ``callback_url``."""
+    return ApiError(400, str(exc))
 
 
 def process_options(fields: Mapping[str, str], defaults: ProcessOptions) -> ProcessOptions:

@@ -327,7 +327,7 @@ async def _failures(engine: Engine, request_id: str) -> list[tuple[int, Item]]:
         offset += len(page)
         for item in page:
             if item.status is ItemStatus.FAILED:
-                rows = await engine.storage.list_rows(request_id, offset=item.row, limit=1)
+                rows = await engine.rows(request_id, offset=item.row, limit=1)
                 failed.append((rows[0].line if rows else item.row + 2, item))
 
 

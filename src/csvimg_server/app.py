@@ -47,6 +47,7 @@ from starlette.middleware import Middleware
 
 from csvimg.engine import Engine
 from csvimg.settings import Settings
+from csvimg.urls import DefaultUrls
 
 # DEFAULT_PAGE, MAX_PAGE and SHUTDOWN_GRACE were defined here before the
 # split: still importable from this module.
@@ -56,6 +57,7 @@ from csvimg_server._errors import EXCEPTION_HANDLERS, JsonErrors
 from csvimg_server._handlers import routes as api_routes
 from csvimg_server._lifespan import SHUTDOWN_GRACE, Lifespan
 from csvimg_server._shape import iso_time
+from csvimg_server._urls import RouteUrls
 from csvimg_server.auth import FROM_ENV, ApiKeyAuth, ApiKeys, FromEnv
 from csvimg_server.logs import register_secrets
 from csvimg_server.metrics import HttpMetrics, Metrics
@@ -109,6 +111,9 @@ def create_app(
     metrics = Metrics()
     metrics.attach(engine)
     routes = [*api_routes(engine, keys=keys, metrics=metrics), *ui_routes()]
+    if owns or engine.urls == DefaultUrls():
+        # URLs follow the routes; an engine handed in with its own builder keeps it.
+        engine.urls = RouteUrls.from_routes(routes)
     middleware = [
         Middleware(HttpMetrics, metrics=metrics),
         Middleware(JsonErrors),

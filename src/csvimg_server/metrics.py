@@ -170,7 +170,7 @@ class Metrics:
         """
         try:
             with anyio.fail_after(_DEPTH_TIMEOUT):
-                depth: float = await engine.queue.depth()
+                depth: float = await engine.queue_depth()
         except Exception as exc:  # an unreachable queue must not break the scrape
             log.warning("metrics: queue depth unavailable: %s", exc)
             depth = math.nan

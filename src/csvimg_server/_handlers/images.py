@@ -10,13 +10,15 @@ from starlette.responses import FileResponse, Response
 from starlette.routing import Route
 
 from csvimg._errors import NotFoundError
-from csvimg.engine import IMAGES_PATH
 from csvimg_server._errors import error
 from csvimg_server._etag import etag_matches, quote_etag
 from csvimg_server._handlers.resource import Resource
 from csvimg_server._options import is_request_id
 
-__all__ = ["Images"]
+__all__ = ["IMAGE_ROUTE", "Images"]
+
+IMAGE_ROUTE: Final = "/api/v1/images/{key:path}"
+"""The image route; `csvimg_server._urls.RouteUrls` builds image URLs from it."""
 
 _IMAGE_CACHE: Final = "public, max-age=31536000, immutable"
 # With keys, shared caches must not hand one owner's image to another.
@@ -36,7 +38,7 @@ class Images(Resource):
 
     def routes(self) -> list[Route]:
         """``GET /api/v1/images/{key}``."""
-        return [Route(IMAGES_PATH + "{key:path}", self.image, methods=["GET"], name="image")]
+        return [Route(IMAGE_ROUTE, self.image, methods=["GET"], name="image")]
 
     async def image(self, request: Request) -> Response:
         """``GET /api/v1/images/{key}``: an output image, cacheable for good."""
@@ -44,10 +46,8 @@ class Images(Resource):
         if not _safe_key(key) or not await self._image_visible(key, request):
             return error(404, "no such image")
         try:
-            info = await self.engine.blobs.stat(key)
-        except (NotFoundError, ValueError):
-            info = None  # a key the store itself refuses is as good as missing
-        if info is None:
+            info = await self.engine.image_info(key)  # a key the store refuses: missing
+        except NotFoundError:
             return error(404, "no such image")
         etag = quote_etag(info.etag)
         cache = _IMAGE_CACHE if self.keys is None else _PRIVATE_IMAGE_CACHE
@@ -58,7 +58,7 @@ class Images(Resource):
         if info.path is not None:
             return FileResponse(info.path, media_type=info.content_type, headers=headers)
         try:
-            data = await self.engine.blobs.get(key)
+            data = await self.engine.image(key)
         except NotFoundError:
             return error(404, "no such image")
         return Response(data, media_type=info.content_type, headers=headers)
@@ -70,5 +70,8 @@ class Images(Resource):
         request_id = key.split("/", 1)[0]
         if not is_request_id(request_id):
             return False
-        job = await self.engine.storage.get_request(request_id.lower())
-        return job is not None and self.visible(job, request)
+        try:
+            job = await self.engine.get_request(request_id.lower())
+        except NotFoundError:
+            return False
+        return self.visible(job, request)

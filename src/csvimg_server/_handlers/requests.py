@@ -60,7 +60,7 @@ class Requests(Resource):
             created_at=job.created_at,
             updated_at=job.updated_at,
             output_csv_url=(
-                f"{base}/api/v1/requests/{job.id}/output.csv" if job.status.finished else None
+                self.engine.output_csv_url(job.id, base) if job.status.finished else None
             ),
         )
 
@@ -91,7 +91,7 @@ class Requests(Resource):
         offset = int_param(request, "offset", 0, 0, 2**62)
         limit = int_param(request, "limit", body.DEFAULT_PAGE, 1, body.MAX_PAGE)
         job = await self.job(request.path_params["request_id"], request)
-        items = await self.engine.storage.list_items(job.id, offset=offset, limit=limit)
+        items = await self.engine.items(job.id, offset=offset, limit=limit)
         base = self.base_url(request)
         following = offset + len(items)
         page = body.ItemPage(
@@ -140,7 +140,7 @@ class Requests(Resource):
     async def deliveries(self, request: Request) -> Response:
         """``GET /api/v1/requests/{request_id}/deliveries``: webhook attempts."""
         job = await self.job(request.path_params["request_id"], request)
-        found = await self.engine.storage.list_deliveries(job.id)
+        found = await self.engine.deliveries(job.id)
         deliveries = body.Deliveries(
             request_id=job.id,
             deliveries=[

@@ -10,12 +10,12 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 import csvimg_server._bodies as body
-from csvimg._errors import ManifestError
+from csvimg._errors import CallbackUrlError, ManifestError
 from csvimg.manifest import Problem as ManifestProblem
 from csvimg.webhooks import request_secret
 from csvimg_server._errors import error
 from csvimg_server._handlers.resource import Resource
-from csvimg_server._options import UPLOAD_FIELDS, checked_callback, process_options
+from csvimg_server._options import UPLOAD_FIELDS, process_options, refused_callback
 from csvimg_server._upload import BadUpload, TooLarge, Upload, check_declared_length, read_upload
 from csvimg_server.auth import owner_of
 
@@ -55,7 +55,10 @@ class Uploads(Resource):
             fields = upload.fields
             callback = fields.get("callback_url", "").strip() or None
             if callback is not None:
-                callback = await checked_callback(callback, self.settings.fetch)
+                try:
+                    callback = await self.engine.check_callback_url(callback)
+                except CallbackUrlError as exc:
+                    raise refused_callback(exc) from None
             options = process_options(fields, self.settings.options)
             try:
                 job = await self.engine.submit(

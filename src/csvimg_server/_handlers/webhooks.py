@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import secrets
 from typing import Final
 from urllib.parse import urlsplit, urlunsplit
 
@@ -14,11 +13,10 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 import csvimg_server._bodies as body
-from csvimg.jobs import Webhook
-from csvimg.webhooks import new_secret
+from csvimg._errors import CallbackUrlError, NotFoundError
 from csvimg_server._errors import error
 from csvimg_server._handlers.resource import Resource
-from csvimg_server._options import checked_callback, webhook_id
+from csvimg_server._options import refused_callback
 from csvimg_server.auth import owner_of
 
 __all__ = ["Webhooks"]
@@ -68,13 +66,12 @@ class Webhooks(Resource):
         url = data.get("callback_url") if isinstance(data, dict) else None
         if not isinstance(url, str) or not url.strip():
             return error(400, "callback_url is required and must be a string")
-        checked = await checked_callback(url.strip(), self.settings.fetch)
         owner = owner_of(request)
-        webhook = Webhook(
-            id="wh_" + secrets.token_hex(12), url=checked, secret=new_secret(), owner=owner
-        )
-        await self.engine.storage.add_webhook(webhook)
-        log.info("webhook %s registered for %s", webhook.id, _loggable(checked),
+        try:
+            webhook = await self.engine.add_webhook(url.strip(), owner=owner)
+        except CallbackUrlError as exc:
+            raise refused_callback(exc) from None
+        log.info("webhook %s registered for %s", webhook.id, _loggable(webhook.url),
                  extra={"webhook_id": webhook.id, "owner": owner})
         registered = body.WebhookRegistered(
             message="Webhook registered successfully.",
@@ -86,7 +83,7 @@ class Webhooks(Resource):
 
     async def list_webhooks(self, request: Request) -> Response:
         """``GET /api/v1/webhook``: registrations, without their secrets."""
-        hooks = await self.engine.storage.list_webhooks(owner=owner_of(request))
+        hooks = await self.engine.webhooks(owner=owner_of(request))
         listed = body.Webhooks(
             webhooks=[
                 body.Webhook(
@@ -101,8 +98,9 @@ class Webhooks(Resource):
         """``DELETE /api/v1/webhook/{webhook_id}``."""
         raw_id: str = request.path_params["webhook_id"]
         owner = owner_of(request)
-        found = webhook_id(raw_id)
-        if found is None or not await self.engine.storage.delete_webhook(found, owner=owner):
+        try:
+            await self.engine.delete_webhook(raw_id, owner=owner)
+        except NotFoundError:
             return error(404, f"no webhook {raw_id[:64]!r}")
-        log.info("webhook %s deleted", found, extra={"webhook_id": found, "owner": owner})
-        return body.WebhookDeleted(message="Webhook deleted.", id=found).response()
+        log.info("webhook %s deleted", raw_id, extra={"webhook_id": raw_id, "owner": owner})
+        return body.WebhookDeleted(message="Webhook deleted.", id=raw_id).response()
