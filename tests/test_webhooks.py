@@ -178,3 +178,29 @@ async def test_receiver_down_then_up(host: ImageHost) -> None:
         assert all(a.error and a.error.startswith("connect-error") for a in attempts)
         events = await claim_events(engine.storage, now=now() + 3600, limit=5, lease_seconds=1)
         assert [e.request_id for e in events] == [request.id]  # still in the outbox
+
+
+async def test_engine_registers_webhooks_with_the_rules_and_no_server() -> None:
+    """An application embedding the library gets the callback check, ids and secrets."""
+    from csvimg import CallbackUrlError, Engine, NotFoundError, Settings
+    from csvimg.fetch import FetchPolicy, parse_allow
+    from csvimg.webhooks import is_webhook_id
+
+    async with Engine(Settings()) as engine:
+        for bad in ("http://127.0.0.1/hook", "ftp://hooks.example/x", "http://10.1.2.3/x"):
+            with pytest.raises(CallbackUrlError, match="callback_url refused"):
+                await engine.add_webhook(bad)
+        assert await engine.webhooks() == []
+    allowed = Settings(fetch=FetchPolicy(allow=parse_allow("127.0.0.1:9")))
+    async with Engine(allowed) as engine:
+        hook = await engine.add_webhook("  http://127.0.0.1:9/hook  ", owner="k1")
+        assert is_webhook_id(hook.id)
+        assert hook.secret.startswith("whsec_")
+        assert hook.url == "http://127.0.0.1:9/hook"
+        assert [h.id for h in await engine.webhooks(owner="k1")] == [hook.id]
+        assert await engine.webhooks() == []  # another owner's are not listed
+        with pytest.raises(NotFoundError):
+            await engine.delete_webhook(hook.id)  # not the ownerless one's
+        await engine.delete_webhook(hook.id, owner="k1")
+        with pytest.raises(NotFoundError):
+            await engine.delete_webhook("not-an-id", owner="k1")
